@@ -1,0 +1,34 @@
+"""frog: multi-tangent forward gradients for PyTorch.
+
+Gradient estimates from k directional derivatives (jvps) computed in forward mode, combined by
+orthogonal projection onto the span of the tangents ("frog") or by sum/mean.
+"""
+
+from .aggregation import METHODS, aggregate, coefficients, combine, scale_correction
+from .engines import ENGINES
+from .errors import ForwardModeError, NonFiniteError
+from .estimator import ForwardGradient
+from .functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
+from .tangents import KINDS, TangentPlan, sample_tangents
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENGINES",
+    "FUNCTIONS",
+    "KINDS",
+    "METHODS",
+    "ForwardGradient",
+    "ForwardModeError",
+    "NonFiniteError",
+    "TangentPlan",
+    "aggregate",
+    "coefficients",
+    "combine",
+    "get_function",
+    "rosenbrock",
+    "sample_tangents",
+    "scale_correction",
+    "sphere",
+    "styblinski_tang",
+]

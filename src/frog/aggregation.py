@@ -1,0 +1,143 @@
+"""Aggregation of k jvps into one estimate (SPEC 1; DESIGN "One idea carries the library").
+
+Every estimator is a vector in span(V): an aggregation returns k coefficients c and the estimate is
+V^T c (tangents V stored k x n, jvps d = V grad f):
+
+- ``sum``:     c = d                      (sum of the single-tangent forward gradients d_i v_i)
+- ``mean``:    c = d / k
+- ``project``: c solves G c = d, G = V V^T, so V^T c = V^T (V V^T)^+ V grad f = P_U(grad f),
+  the orthogonal projection of the gradient onto U = span(V) ("frog").
+
+``project`` uses a Cholesky solve of the Gram matrix when it is well conditioned and otherwise a
+spectral (eigh) least-squares solve that drops the null space, so k > n and linearly dependent
+tangents still give the orthogonal projection (any solution of G c = d gives the same V^T c).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METHODS = ("sum", "mean", "project")
+
+
+def check_method(method: str) -> None:
+    """Raise ValueError for an unknown aggregation name."""
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def combine(tangents: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """V^T c: tangents (k, *shape) and coefficients (k,) or (k, B) -> (*shape) or (*shape, B)."""
+    return torch.tensordot(tangents, coefficients.to(tangents.dtype), dims=([0], [0]))
+
+
+def _solve_psd(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:
+    """A solution of G c = rhs for symmetric PSD G (k, k), rhs (k,) or (k, B), in float64.
+
+    Cholesky when min diag(L)^2 > rtol * max diag(G) (diag(L)_i^2 bounds lambda_min from above, so a
+    smaller pivot proves near-singularity), else the pseudo-inverse solution via eigh with
+    eigenvalues below rtol * lambda_max treated as zero.
+    """
+    lower, info = torch.linalg.cholesky_ex(gram)
+    scale = gram.diagonal().max()
+    if int(info) == 0 and bool(lower.diagonal().square().min() > rtol * scale):
+        return torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs, lower).reshape(rhs.shape)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    keep = eigenvalues > rtol * eigenvalues.max().clamp_min(torch.finfo(gram.dtype).tiny)
+    inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
+    projected = eigenvectors.T @ rhs
+    scaled = projected * (inverse if rhs.dim() == 1 else inverse.unsqueeze(-1))
+    return eigenvectors @ scaled
+
+
+def default_rtol(num_tangents: int, dtype: torch.dtype) -> float:
+    """Relative eigenvalue cut-off of the Gram solve: 10 k eps of the tangents' dtype."""
+    return 10.0 * num_tangents * torch.finfo(dtype).eps
+
+
+def coefficients(
+    gram: torch.Tensor | None,
+    jvps: torch.Tensor,
+    method: str = "project",
+    *,
+    rtol: float | None = None,
+) -> torch.Tensor:
+    """Coefficients c (same shape and dtype as ``jvps``) with estimate V^T c.
+
+    Args:
+        gram: G = V V^T, shape (k, k); only ``project`` reads it (None is fine otherwise).
+        jvps: d = V grad f, shape (k,) or (k, B) for B per-sample gradients.
+        method: ``sum`` (c = d), ``mean`` (c = d / k) or ``project`` (G c = d).
+        rtol: relative eigenvalue cut-off for rank-deficient G (default :func:`default_rtol`).
+    """
+    check_method(method)
+    if jvps.dim() not in (1, 2):
+        raise ValueError(f"jvps must have shape (k,) or (k, B), got {tuple(jvps.shape)}")
+    k = jvps.shape[0]
+    if method == "sum":
+        return jvps
+    if method == "mean":
+        return jvps / k
+    if gram is None or gram.shape != (k, k):
+        got = None if gram is None else tuple(gram.shape)
+        raise ValueError(f"project needs a Gram matrix of shape ({k}, {k}) for {k} jvps, got {got}")
+    rtol = default_rtol(k, jvps.dtype) if rtol is None else rtol
+    solution = _solve_psd(gram.to(torch.float64), jvps.to(torch.float64), rtol)
+    return solution.to(jvps.dtype)
+
+
+def _expected_chi(m: int) -> float:
+    """E[chi_m] = sqrt(2) Gamma((m + 1) / 2) / Gamma(m / 2), the mean norm of N(0, I_m)."""
+    return math.sqrt(2.0) * math.exp(math.lgamma((m + 1) / 2) - math.lgamma(m / 2))
+
+
+def scale_correction(method: str, num_tangents: int, dimension: int, mean_squared_norm: float) -> float:
+    """The authors' length correction factor (SPEC 1, "Length"); multiply the coefficients by it.
+
+    project: E[chi_n] / E[chi_k] (1 when k >= n). mean: 1 / (E|v|^2 c) with
+    c = sqrt(2 / (pi n)) for k = 1 and c = sqrt((n + k) / (1 + k)) / n for k > 1. sum: the mean's
+    factor divided by k (sum = k mean, so both end at the same length).
+    """
+    check_method(method)
+    k, n = num_tangents, dimension
+    if method == "project":
+        return 1.0 if k >= n else _expected_chi(n) / _expected_chi(k)
+    c = math.sqrt(2.0 / (math.pi * n)) if k == 1 else math.sqrt((n + k) / (1 + k)) / n
+    factor = 1.0 / (mean_squared_norm * c)
+    return factor / k if method == "sum" else factor
+
+
+def aggregate(
+    tangents: torch.Tensor,
+    jvps: torch.Tensor,
+    method: str = "project",
+    *,
+    correct_scale: bool = False,
+    normalized: bool = False,
+    rtol: float | None = None,
+) -> torch.Tensor:
+    """The estimate V^T c from explicit tangents.
+
+    Args:
+        tangents: V, shape (k, *shape) (e.g. (k, n)).
+        jvps: d = V grad f, shape (k,) or (k, B).
+        method: ``sum``, ``mean`` or ``project`` (frog).
+        correct_scale: apply :func:`scale_correction` (for N(0, I) tangents, or unit ones
+            when ``normalized``).
+    Returns:
+        (*shape) for jvps (k,), (*shape, B) for jvps (k, B).
+    """
+    if tangents.dim() < 1 or jvps.dim() < 1 or tangents.shape[0] != jvps.shape[0]:
+        raise ValueError(
+            f"tangents (k, *shape) and jvps (k,) or (k, B) must agree in k, got tangents "
+            f"{tuple(tangents.shape)} and jvps {tuple(jvps.shape)}"
+        )
+    flat = tangents.reshape(tangents.shape[0], -1)
+    gram = (flat.double() @ flat.double().T) if method == "project" else None
+    coeffs = coefficients(gram, jvps, method, rtol=rtol)
+    if correct_scale:
+        n = flat.shape[1]
+        coeffs = coeffs * scale_correction(method, flat.shape[0], n, 1.0 if normalized else float(n))
+    return combine(tangents, coeffs)

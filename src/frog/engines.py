@@ -1,0 +1,200 @@
+"""Engines: how the k jvps d_i = <grad f, w_i> of a function of named tensors are obtained.
+
+An engine takes ``fn`` (a dict of primal tensors -> scalar tensor), the primals and a
+:class:`~frog.tangents.TangentPlan` whose block b belongs to the b-th primal, and returns
+``(value, jvps)`` with jvps of shape (k,) for the plan's *raw* tangents.
+
+=======  ===========================================  ========================  ====================
+engine   how                                          cost per step             tangent memory
+=======  ===========================================  ========================  ====================
+jvp      torch.func.jvp under vmap: all k tangents    1 primal + k tangent      k x n (all blocks)
+         in one vectorized pass, primal computed once  streams, batched
+loop     torch.func.jvp, one tangent at a time        k primal + k tangent      n (one tangent)
+sim      autograd gradient g, then d = W g             1 forward + 1 backward    k x (largest block)
+fd       central differences (f(x+hv)-f(x-hv))/(2h)    2k + 1 forwards           n (one tangent)
+=======  ===========================================  ========================  ====================
+
+``jvp`` and ``loop`` are true forward mode (no backward pass); ``sim`` gives the same numbers from
+the exact gradient (how the paper computed them); ``fd`` needs no forward-mode rules at all.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch.func import jvp, vmap
+
+from .errors import ForwardModeError
+from .tangents import TangentPlan
+
+Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+ENGINES = ("jvp", "loop", "sim", "fd")
+
+
+class RngReplay:
+    """Lets every pass of a multi-pass engine see the same random numbers (e.g. dropout masks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+        self.device = device
+
+    def reset(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def _rows(plan: TangentPlan, names: list[str], row: int, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Raw tangent ``row`` of every block, as a dict shaped like the primals."""
+    return {name: plan.block(b, [row])[0].to(primals[name].dtype) for b, name in enumerate(names)}
+
+
+def _device(primals: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(primals.values())).device
+
+
+class Engine(ABC):
+    """An engine; ``single_pass`` ones run ``fn`` exactly once per step."""
+
+    name = ""
+    single_pass = False
+    keeps_all_tangents = False
+
+    @abstractmethod
+    def __call__(
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (value, jvps (k,)) of ``fn`` at ``primals`` along the plan's raw tangents."""
+
+
+class JvpEngine(Engine):
+    """All k jvps in one ``vmap(jvp)`` pass; the unbatched primal is computed once."""
+
+    name = "jvp"
+    keeps_all_tangents = True
+
+    def __call__(self, fn, primals, plan):
+        names = list(primals)
+        tangents = [plan.block(b).to(primals[name].dtype) for b, name in enumerate(names)]
+
+        def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(fn, (primals,), (dict(zip(names, blocks)),))
+
+        values, jvps = vmap(one_tangent, randomness="same")(*tangents)
+        return values[0], jvps
+
+
+class LoopEngine(Engine):
+    """One ``jvp`` pass per tangent (k primal passes); holds one tangent at a time."""
+
+    name = "loop"
+
+    def __call__(self, fn, primals, plan):
+        names = list(primals)
+        replay = RngReplay(_device(primals))
+        jvps = []
+        for i in range(plan.num_tangents):
+            replay.reset()
+            value, derivative = jvp(fn, (primals,), (_rows(plan, names, i, primals),))
+            jvps.append(derivative)
+        return value, torch.stack(jvps)
+
+
+class SimEngine(Engine):
+    """Exact gradient g by autograd, then d = W g block by block (the paper's "simulation")."""
+
+    name = "sim"
+    single_pass = True
+
+    def __call__(self, fn, primals, plan):
+        leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
+        with torch.enable_grad():
+            value = fn(leaves)
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        k = plan.num_tangents
+        jvps = torch.zeros(k, dtype=value.dtype, device=value.device)
+        for b, grad in enumerate(grads):
+            if grad is not None:
+                jvps += plan.block(b).reshape(k, -1).to(grad.dtype) @ grad.reshape(-1)
+        return value.detach(), jvps
+
+
+class FiniteDifferenceEngine(Engine):
+    """Central differences d_i = |w_i| (f(x + h u_i) - f(x - h u_i)) / (2h), u_i = w_i / |w_i|.
+
+    ``step`` is h, the length of the step in parameter space; the truncation error is O(h^2).
+    """
+
+    name = "fd"
+
+    def __init__(self, step: float = 1e-3) -> None:
+        if not step > 0:
+            raise ValueError(f"fd_step must be > 0, got {step}")
+        self.step = float(step)
+
+    def __call__(self, fn, primals, plan):
+        names = list(primals)
+        replay = RngReplay(_device(primals))
+        with torch.no_grad():
+            value = fn(primals)
+            jvps = []
+            for i in range(plan.num_tangents):
+                row = _rows(plan, names, i, primals)
+                norm = torch.sqrt(sum((t.double() ** 2).sum() for t in row.values()))
+                h = self.step / norm
+                replay.reset()
+                plus = fn({name: primals[name] + (h * t).to(t.dtype) for name, t in row.items()})
+                replay.reset()
+                minus = fn({name: primals[name] - (h * t).to(t.dtype) for name, t in row.items()})
+                jvps.append(((plus.double() - minus.double()) / (2 * h)).to(value.dtype))
+        return value, torch.stack(jvps)
+
+
+def make_engine(name: str, fd_step: float = 1e-3) -> Engine:
+    """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``)."""
+    if name == "jvp":
+        return JvpEngine()
+    if name == "loop":
+        return LoopEngine()
+    if name == "sim":
+        return SimEngine()
+    if name == "fd":
+        return FiniteDifferenceEngine(fd_step)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+_MISSING_RULE = re.compile(r"forward AD with (\S+) that does not support it")
+
+
+@contextmanager
+def explained_forward_mode_errors(engine: str) -> Iterator[None]:
+    """Turn PyTorch's forward-mode failures into a :class:`ForwardModeError` that names the fix."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as error:
+        message = str(error)
+        fix = "use engine='sim' (autograd) or engine='fd' (finite differences, no AD rules needed)"
+        missing = _MISSING_RULE.search(message)
+        if missing:
+            raise ForwardModeError(
+                f"the operation {missing.group(1)} has no forward-mode (jvp) rule in PyTorch, so "
+                f"engine={engine!r} cannot run it; {fix}"
+            ) from error
+        if "custom autograd.Function" in message or "does not have vmap support" in message:
+            raise ForwardModeError(
+                "a custom torch.autograd.Function in the model lacks forward-mode support (a jvp "
+                f"staticmethod, and for engine='jvp' also vmap or generate_vmap_rule=True); {fix}"
+            ) from error
+        if "mutate a captured Tensor" in message:
+            raise ForwardModeError(
+                "the model changes a tensor in place during its forward pass (a buffer such as running "
+                f"statistics, other than BatchNorm's, which frog handles); engine={engine!r} cannot "
+                f"trace that: put that module in eval mode or {fix}"
+            ) from error
+        raise

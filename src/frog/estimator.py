@@ -1,0 +1,226 @@
+"""ForwardGradient: sampler + engine + aggregation, for plain functions and nn.Modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .aggregation import check_method, coefficients, combine, scale_correction
+from .engines import Function, explained_forward_mode_errors, make_engine
+from .errors import NonFiniteError
+from .tangents import TangentPlan, check_kind, mean_squared_norm
+
+
+class _LossOf(nn.Module):
+    """Wraps ``loss_fn(model)`` as a module so torch.func.functional_call can swap its tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self) -> torch.Tensor:
+        return self.loss_fn(self.model)
+
+
+@contextmanager
+def _frozen_running_stats(model: nn.Module, freeze: bool) -> Iterator[list[nn.Module]]:
+    """Stop BatchNorm layers in train mode from updating running statistics (they still use batch
+    statistics); yields the frozen modules so the caller can update them once afterwards."""
+    frozen = []
+    if freeze:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+                module.track_running_stats = False
+                frozen.append(module)
+    try:
+        yield frozen
+    finally:
+        for module in frozen:
+            module.track_running_stats = True
+
+
+class ForwardGradient:
+    r"""Multi-tangent forward-gradient estimator.
+
+    Each call draws k tangents V = [v_1 .. v_k] (stored k x n) from ``seed`` and the call counter,
+    obtains the jvps d = V \nabla f with the chosen ``engine`` (no backward pass for ``jvp``,
+    ``loop`` and ``fd``) and returns V^T c with coefficients c from ``aggregation``:
+    ``sum`` (c = d), ``mean`` (c = d / k) or ``project`` (G c = d, G = V V^T: the orthogonal
+    projection of the gradient onto span(V), "frog").
+
+    Example::
+
+        fg = ForwardGradient(num_tangents=16, aggregation="project", seed=0)
+        g = fg.grad(fn, x)                 # fn: Tensor -> scalar; g has x's shape
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = fg.fill_grad(model, lambda m: F.cross_entropy(m(xb), yb))
+        opt.step()
+
+    Args:
+        num_tangents: k >= 1.
+        aggregation: ``project`` (frog), ``mean`` or ``sum``.
+        tangents: ``normal``, ``rademacher``, ``basis``, ``orthonormal`` or ``angle``.
+        engine: ``jvp``, ``loop``, ``sim`` or ``fd`` (see :mod:`frog.engines`).
+        seed: tangents of call t depend only on (seed, t, tangent, block).
+        normalize: divide each tangent by its norm.
+        angle: degrees in (0, 90], for ``tangents="angle"``.
+        scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
+        fd_step: step length h of the ``fd`` engine.
+        rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
+    """
+
+    def __init__(
+        self,
+        num_tangents: int = 1,
+        aggregation: str = "project",
+        tangents: str = "normal",
+        engine: str = "jvp",
+        seed: int = 0,
+        *,
+        normalize: bool = False,
+        angle: float | None = None,
+        scale_correction: bool = False,
+        fd_step: float = 1e-3,
+        rtol: float | None = None,
+    ) -> None:
+        if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
+            raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
+        check_method(aggregation)
+        check_kind(tangents, angle)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.num_tangents = num_tangents
+        self.aggregation = aggregation
+        self.tangents = tangents
+        self.engine = make_engine(engine, fd_step)
+        self.seed = seed
+        self.normalize = normalize
+        self.angle = angle
+        self.scale_correction = scale_correction
+        self.rtol = rtol
+        self.step = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
+            f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step})"
+        )
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue with the same tangents: seed and call counter."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+    # -- core --------------------------------------------------------------------------------
+    def plan(self, tensors: list[torch.Tensor]) -> TangentPlan:
+        """The tangent plan of the current call for blocks shaped like ``tensors``."""
+        first = tensors[0]
+        return TangentPlan(
+            self.tangents, self.num_tangents, [t.shape for t in tensors],
+            seed=self.seed, step=self.step, device=first.device, dtype=first.dtype,
+            normalize=self.normalize, angle=self.angle,
+            cache=self.engine.keeps_all_tangents, track_gram=self.aggregation == "project",
+        )
+
+    def coefficients(self, plan: TangentPlan, raw_jvps: torch.Tensor) -> torch.Tensor:
+        """Coefficients c_W (k,) or (k, B) on the plan's raw tangents: estimate = W^T c_W.
+
+        With tangents V = T W: d_V = T d_W, G_V = T G_W T^T, c_V from the aggregation, c_W = T^T c_V.
+        """
+        transform = plan.transform()
+        jvps = raw_jvps if transform is None else (transform @ raw_jvps.double()).to(raw_jvps.dtype)
+        gram = None
+        if self.aggregation == "project":
+            gram = plan.gram() if transform is None else transform @ plan.gram() @ transform.T
+        coeffs = coefficients(gram, jvps, self.aggregation, rtol=self.rtol)
+        if self.scale_correction:
+            n = plan.dimension
+            mean_sq = mean_squared_norm(self.tangents, self.normalize, n)
+            coeffs = coeffs * scale_correction(self.aggregation, self.num_tangents, n, mean_sq)
+        if transform is not None:
+            coeffs = (transform.T @ coeffs.double()).to(coeffs.dtype)
+        return coeffs
+
+    def estimate(self, fn: Function, primals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Value of ``fn`` and the forward-gradient estimate for each named primal (same shapes).
+
+        Advances the call counter, so the next call draws new tangents.
+        """
+        plan = self.plan(list(primals.values()))
+        with explained_forward_mode_errors(self.engine.name):
+            value, jvps = self.engine(fn, primals, plan)
+        if value.dim() != 0:
+            raise ValueError(f"the function must return a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not (torch.isfinite(value) and torch.isfinite(jvps).all()):
+            raise NonFiniteError(
+                f"step {self.step}: the {'loss' if not torch.isfinite(value) else 'jvps'} became "
+                f"non-finite (loss {value.item()}); the iterate diverged: use a smaller learning rate"
+            )
+        coeffs = self.coefficients(plan, jvps)
+        estimates = {
+            name: combine(plan.block(b), coeffs).to(tensor.dtype)
+            for b, (name, tensor) in enumerate(primals.items())
+        }
+        self.step += 1
+        return value, estimates
+
+    # -- plain functions ---------------------------------------------------------------------
+    def value_and_grad(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fn(x), estimate)`` for fn: Tensor (any shape) -> scalar; the estimate has x's shape."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError("x must have at least one element")
+        value, estimates = self.estimate(lambda p: fn(p["x"]), {"x": x.detach()})
+        return value, estimates["x"]
+
+    def grad(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The forward-gradient estimate of grad fn(x), same shape as x."""
+        return self.value_and_grad(fn, x)[1]
+
+    # -- modules -----------------------------------------------------------------------------
+    def fill_grad(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module], torch.Tensor],
+        *,
+        accumulate: bool = False,
+    ) -> torch.Tensor:
+        """Set ``p.grad`` of every trainable parameter to its forward-gradient estimate.
+
+        Weight perturbation: one tangent block per parameter tensor, generated from the seed
+        block by block (the Gram matrix is accumulated over the blocks). ``loss_fn(model)`` must
+        return a scalar loss. BatchNorm running statistics are updated exactly once per call.
+        With ``accumulate`` the estimate is added to existing gradients. Returns the loss (detached).
+        """
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        wrapper = _LossOf(model, loss_fn)
+
+        def loss_at(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(wrapper, {f"model.{n}": t for n, t in tensors.items()}, (), strict=False)
+
+        with _frozen_running_stats(model, freeze=not self.engine.single_pass) as frozen:
+            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()})
+        if frozen:
+            with torch.no_grad():
+                loss_fn(model)  # one plain pass updates the running statistics once
+        for name, p in params.items():
+            if accumulate and p.grad is not None:
+                p.grad.add_(estimates[name])
+            else:
+                p.grad = estimates[name]
+        return value
+

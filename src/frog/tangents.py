@@ -1,0 +1,268 @@
+"""Tangent samplers (SPEC 1, "Tangent samplers").
+
+Every sampler is split in two steps so that tangents can be generated block by block:
+
+1. *raw* tangents W (k x n): i.i.d. ``normal`` or ``rademacher`` entries, or standard ``basis``
+   vectors. Row i of block b depends only on a counter key, so any block can be regenerated alone.
+2. an optional k x k *mixing* matrix T computed from the raw Gram matrix G = W W^T alone; the
+   tangents are V = T W. Normalization (T = diag(G)^-1/2), orthonormalization (T = L^-1 with
+   G = L L^T) and the ``angle`` construction are all of this form.
+
+Because V = T W, the jvps, the Gram matrix and the estimate transform without ever forming V:
+d_V = T d_W, G_V = T G T^T, and V^T c = W^T (T^T c).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+KINDS = ("normal", "rademacher", "basis", "orthonormal", "angle")
+_MASK64 = (1 << 64) - 1
+
+
+def check_kind(kind: str, angle: float | None = None) -> None:
+    """Raise ValueError for an unknown sampler name or a bad ``angle`` (degrees, in (0, 90])."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tangent sampler {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "angle":
+        if angle is None:
+            raise ValueError("tangents='angle' needs angle= (degrees, in (0, 90])")
+        if not 0.0 < float(angle) <= 90.0:
+            raise ValueError(f"angle must lie in (0, 90] degrees, got {angle}")
+    elif angle is not None:
+        raise ValueError(f"angle= is only used with tangents='angle', not {kind!r}")
+
+
+def check_size(kind: str, k: int, n: int) -> None:
+    """Raise ValueError when ``kind`` cannot give k tangents in dimension n."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"the number of tangents must be an integer >= 1, got {k!r}")
+    if n < 1:
+        raise ValueError(f"the dimension must be >= 1, got {n}")
+    if kind in ("basis", "orthonormal") and k > n:
+        raise ValueError(
+            f"tangents={kind!r} gives at most n = {n} tangents, but {k} were asked for; "
+            "use fewer tangents or tangents='normal'"
+        )
+    if kind == "angle" and k > 1 and n < 2:
+        raise ValueError("tangents='angle' needs dimension n >= 2 for more than one tangent")
+
+
+def mean_squared_norm(kind: str, normalize: bool, n: int) -> float:
+    """E|v|^2 of one tangent: n for unnormalized normal/rademacher tangents, else 1."""
+    return float(n) if kind in ("normal", "rademacher") and not normalize else 1.0
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit generator seed from integer keys (splitmix64 chain), e.g. (seed, step, row, block)."""
+    state = 0x9E3779B97F4A7C15
+    for key in keys:
+        state = (state ^ (int(key) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def raw_rows(
+    kind: str,
+    rows: Sequence[int],
+    shape: torch.Size,
+    *,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Raw tangents ``rows`` (global row indices) of a block with ``shape``, shape (len(rows), *shape).
+
+    ``normal``, ``orthonormal`` and ``angle`` draw N(0, 1) entries, ``rademacher`` +-1 entries,
+    ``basis`` puts row i at global coordinate i (the block covers offset .. offset + numel - 1).
+    """
+    size = (len(rows), *shape)
+    if kind == "basis":
+        flat = torch.zeros(len(rows), math.prod(shape), device=device, dtype=dtype)
+        for j, i in enumerate(rows):
+            if offset <= i < offset + flat.shape[1]:
+                flat[j, i - offset] = 1.0
+        return flat.reshape(size)
+    if kind == "rademacher":
+        bits = torch.empty(size, device=device, dtype=dtype).bernoulli_(0.5, generator=generator)
+        return bits.mul_(2).sub_(1)
+    return torch.randn(size, generator=generator, device=device, dtype=dtype)
+
+
+def mixing(kind: str, normalize: bool, gram: torch.Tensor, angle: float | None = None) -> torch.Tensor | None:
+    """The k x k matrix T with tangents V = T W, from the raw Gram matrix G = W W^T (float64).
+
+    Returns None when V = W. ``orthonormal``: T = L^-1 with G = L L^T. ``angle``: v_1 = w_1/|w_1|,
+    v_i = cos(a) v_1 + sin(a) r_i with r_i the normalized rejection of w_i from v_1.
+    ``normalize``: T = diag(G)^-1/2 (tangents of unit length).
+    """
+    k = gram.shape[0]
+    if kind == "orthonormal":
+        lower, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            raise ValueError("orthonormal tangents need linearly independent raw tangents (k <= n)")
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    if kind == "angle":
+        a = math.radians(float(angle))
+        norm1 = gram[0, 0].sqrt()
+        transform = torch.zeros_like(gram)
+        transform[0, 0] = 1.0 / norm1
+        along = gram[1:, 0] / gram[0, 0]  # w_i . w_1 / |w_1|^2
+        rejection_norm = (gram.diagonal()[1:] - along * gram[1:, 0]).clamp_min(0).sqrt()
+        if k > 1 and bool((rejection_norm <= 1e-12 * gram.diagonal()[1:].sqrt()).any()):
+            raise ValueError("angle tangents: a random tangent was parallel to the first; use n >= 2")
+        idx = torch.arange(1, k, device=gram.device)
+        transform[idx, 0] = math.cos(a) / norm1 - math.sin(a) * along / rejection_norm
+        transform[idx, idx] = math.sin(a) / rejection_norm
+        return transform
+    if normalize:
+        return torch.diag(gram.diagonal().rsqrt())
+    return None
+
+
+def sample_tangents(
+    num_tangents: int,
+    shape: int | Sequence[int],
+    kind: str = "normal",
+    *,
+    angle: float | None = None,
+    normalize: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sample k tangents of a given shape, returned as a tensor (k, *shape).
+
+    Example: ``sample_tangents(4, 64, generator=torch.Generator().manual_seed(0))`` is (4, 64)
+    with i.i.d. N(0, 1) entries. ``kind`` is one of ``normal``, ``rademacher``, ``basis`` (the
+    first k standard basis vectors), ``orthonormal`` (V V^T = I) or ``angle`` (every tangent at
+    ``angle`` degrees to the first, all of unit length). ``normalize`` divides each by its norm.
+    """
+    check_kind(kind, angle)
+    shape = torch.Size((shape,) if isinstance(shape, int) else tuple(shape))
+    check_size(kind, num_tangents, math.prod(shape))
+    if generator is not None and device is None:
+        device = generator.device
+    raw = raw_rows(kind, range(num_tangents), shape, generator=generator, device=device, dtype=dtype)
+    flat = raw.reshape(num_tangents, -1)
+    transform = mixing(kind, normalize, gram_of(flat), angle)
+    if transform is None:
+        return raw
+    return (transform.to(raw.dtype) @ flat).reshape(raw.shape)
+
+
+def gram_of(flat: torch.Tensor) -> torch.Tensor:
+    """G = W W^T of rows W (k, m), accumulated in float64: shape (k, k)."""
+    if flat.dtype == torch.float64:
+        return flat @ flat.T
+    return (flat @ flat.T).to(torch.float64)
+
+
+class TangentPlan:
+    """The tangents of one estimator step, generated block by block and never as one k x n matrix.
+
+    Raw tangent row i of block b is drawn from its own generator seeded by
+    ``derive_seed(seed, step, i, b)``, so every block (and every row) can be regenerated alone, on
+    any process. ``cache=True`` keeps generated blocks (for engines that hold all of them anyway);
+    ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so that
+    :meth:`gram` regenerates only the blocks no engine has asked for.
+
+    Args:
+        kind, normalize, angle: the sampler (see :func:`sample_tangents`).
+        num_tangents: k.
+        shapes: shape of each block (parameter tensor, or block activity), in order.
+        seed, step: the counter key of this step.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        num_tangents: int,
+        shapes: Sequence[torch.Size],
+        *,
+        seed: int,
+        step: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        normalize: bool = False,
+        angle: float | None = None,
+        cache: bool = False,
+        track_gram: bool = False,
+    ) -> None:
+        self.kind, self.normalize, self.angle = kind, normalize, angle
+        self.num_tangents = num_tangents
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.offsets = [0]
+        for s in self.shapes:
+            self.offsets.append(self.offsets[-1] + math.prod(s))
+        self.dimension = self.offsets[-1]
+        check_kind(kind, angle)
+        check_size(kind, num_tangents, self.dimension)
+        self.seed, self.step = seed, step
+        self.device, self.dtype = device, dtype
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._gram: torch.Tensor | None = None
+        self.track_gram = track_gram or self.needs_gram()
+        self._block_grams: dict[int, torch.Tensor] = {}
+        self._transform: torch.Tensor | None = None
+        self._transform_known = False
+
+    def block(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Raw tangents of block ``index``: shape (len(rows), *shape); all k rows by default."""
+        if rows is None and self._cache is not None and index in self._cache:
+            return self._cache[index]
+        wanted = range(self.num_tangents) if rows is None else rows
+        parts = []
+        for i in wanted:
+            generator = None
+            if self.kind != "basis":
+                generator = torch.Generator(device=self.device or "cpu")
+                generator.manual_seed(derive_seed(self.seed, self.step, i, index))
+            parts.append(
+                raw_rows(
+                    self.kind, [i], self.shapes[index], offset=self.offsets[index],
+                    generator=generator, device=self.device, dtype=self.dtype,
+                )
+            )
+        out = torch.cat(parts)
+        if rows is None:
+            if self._cache is not None:
+                self._cache[index] = out
+            if self.track_gram and self._gram is None:
+                self._block_grams[index] = gram_of(out.reshape(self.num_tangents, -1))
+        return out
+
+    def _block_gram(self, index: int) -> torch.Tensor:
+        if index not in self._block_grams:
+            block = self.block(index)  # records its Gram when track_gram is set
+            if index not in self._block_grams:
+                return gram_of(block.reshape(self.num_tangents, -1))
+        return self._block_grams.pop(index)
+
+    def gram(self) -> torch.Tensor:
+        """Raw Gram matrix G = sum_b W_b W_b^T, float64 (k, k); one pass over the blocks."""
+        if self._gram is None:
+            total = torch.zeros(self.num_tangents, self.num_tangents, dtype=torch.float64, device=self.device)
+            for b in range(len(self.shapes)):
+                total += self._block_gram(b)
+            self._gram = total
+        return self._gram
+
+    def transform(self) -> torch.Tensor | None:
+        """The mixing T (float64, k x k) of this sampler, or None when V = W."""
+        if not self._transform_known:
+            self._transform = mixing(self.kind, self.normalize, self.gram(), self.angle)
+            self._transform_known = True
+        return self._transform
+
+    def needs_gram(self) -> bool:
+        """Whether the sampler's mixing depends on the Gram matrix."""
+        return self.kind in ("orthonormal", "angle") or (self.normalize and self.kind != "basis")
