@@ -1,0 +1,64 @@
+"""Result files written as results come: CSV rows appended and flushed one at a time."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+
+def prepare_out_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and check it is writable; ValueError that names it otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".frog-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to the output folder {out}: {error.strerror or error}") from None
+    return out
+
+
+class CsvLog:
+    """Append-only CSV with a fixed header; rows already in the file are kept (a rerun resumes).
+
+    ``done(key_columns)`` lists the key tuples already written, so a caller can skip them.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.rows: list[dict[str, str]] = []
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames != self.columns:
+                    raise ValueError(
+                        f"{self.path} has columns {reader.fieldnames}, expected {self.columns}; "
+                        "use another output folder or delete the file"
+                    )
+                self.rows = list(reader)
+        else:
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+
+    def done(self, key_columns: Iterable[str]) -> set[tuple[str, ...]]:
+        """Key tuples (as strings) of the rows already written."""
+        keys = list(key_columns)
+        return {tuple(row[c] for c in keys) for row in self.rows}
+
+    def append(self, row: dict[str, object]) -> None:
+        """Write one row at once (missing columns stay empty)."""
+        text = {c: _text(row.get(c, "")) for c in self.columns}
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([text[c] for c in self.columns])
+        self.rows.append(text)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return "" if value is None else str(value)
