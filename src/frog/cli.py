@@ -5,16 +5,56 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .engines import ENGINES
 from .functions import FUNCTIONS
 from .methods import METHOD_NAMES
-from .results import prepare_out_dir
+from .results import prepare_out_dir, read_csv, write_csv
+
+POWERS_OF_TWO = [2**i for i in range(11)]
+
+
+def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="normal", choices=["normal", "angle"],
+                   help="tangent sampler (angle: every tangent at --angles degrees to the first)")
+    p.add_argument("--angles", nargs="+", type=float, default=[15.0, 30.0, 45.0, 60.0, 75.0, 90.0],
+                   help="angles in degrees, in (0, 90], for --sampler angle")
+
+
+def _add_approx(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("approx", help="approximation quality of the estimators (paper Fig. 3 and 5)")
+    p.add_argument("--dims", nargs="+", type=int, default=[64], help="dimensions n")
+    p.add_argument("--tangents", "-k", nargs="+", type=int, default=POWERS_OF_TWO, help="numbers of tangents k")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--true-gradient", default="ones", choices=["ones", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    _add_sampler_options(p)
+    p.add_argument("--out", default="runs/approx", help="folder for approximation.csv and approximation.png")
+    p.set_defaults(handler=_approx)
+
+
+def _approx(args: argparse.Namespace) -> None:
+    from .experiments.approximation import sweep
+    from .plots import plot_approximation
+
+    out = prepare_out_dir(args.out)
+    rows = list(sweep(args.dims, args.tangents, args.samples, sampler=args.sampler, angles=args.angles,
+                      gradient=args.true_gradient, seed=args.seed, out_dir=out))
+    plot_approximation(rows, out / "approximation.png")
+    print(f"{'n':>6} {'k':>5} {'method':<9} {'normalized':<10} {'cosine':>16} {'norm ratio':>18}"
+          + ("  angle" if args.sampler == "angle" else ""))
+    for r in rows:
+        angle = f"  {r['angle']}" if args.sampler == "angle" else ""
+        print(f"{r['n']:>6} {r['k']:>5} {r['method']:<9} {str(r['normalized']).lower():<10} "
+              f"{float(r['cosine_mean']):>8.4f}±{float(r['cosine_ci']):<7.4f} "
+              f"{float(r['norm_ratio_mean']):>9.4f}±{float(r['norm_ratio_ci']):<8.4f}{angle}")
+    print(f"wrote {out / 'approximation.csv'} and {out / 'approximation.png'}")
 
 
 def _add_optimize(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("optimize", help="gradient descent on closed-form functions (paper Fig. 4)")
-    p.add_argument("--function", nargs="+", default=["styblinski-tang"], choices=list(FUNCTIONS))
+    p.add_argument("--function", nargs="+", default=["styblinski-tang"], help=f"of {', '.join(FUNCTIONS)}")
     p.add_argument("--dims", nargs="+", type=int, default=[64], help="dimensions n")
     p.add_argument("--tangents", "-k", nargs="+", type=int, default=[1, 2, 4, 16], help="numbers of tangents k")
     p.add_argument("--methods", nargs="+", default=["bp", "fg-mean", "frog"], help=f"of {', '.join(METHOD_NAMES)}")
@@ -22,33 +62,58 @@ def _add_optimize(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the paper's per function)")
     p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table)")
     p.add_argument("--engine", default="jvp", choices=list(ENGINES))
-    p.add_argument("--out", default=None, help="folder for optimization.csv (rows are written as runs end)")
+    _add_sampler_options(p)
+    p.add_argument("--out", default="runs/optimize", help="folder for optimization.csv, the summary and the plot")
     p.set_defaults(handler=_optimize)
 
 
 def _optimize(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .experiments.optimization import plan_runs, run_all
+    from .experiments.optimization import SUMMARY_COLUMNS, plan_runs, run_all, summarize
+    from .plots import plot_optimization
 
-    runs = plan_runs(args.function, args.dims, args.tangents, args.methods, args.seeds, args.lr)
-    out = prepare_out_dir(args.out) if args.out else None
-    write = tqdm.write
-    write(f"{'function':<16} {'n':>5} {'method':<8} {'k':>3} {'seed':>4} {'best value':>14} {'minimum':>14}")
+    angles = args.angles if args.sampler == "angle" else None
+    runs = plan_runs(args.function, args.dims, args.tangents, args.methods, args.seeds, args.lr, angles)
+    out = prepare_out_dir(args.out)
+    tqdm.write(f"{'function':<16} {'n':>5} {'method':<8} {'k':>3} {'seed':>4} {'best value':>14} {'minimum':>14}")
     for row in run_all(runs, out, engine=args.engine, steps=args.steps):
         minimum = FUNCTIONS[str(row["function"])].minimum(int(row["n"]))
-        flag = "  (diverged)" if row["diverged"] else ""
+        flag = f"  (diverged at step {row['steps']})" if row["diverged"] else ""
+        angle = f"  angle {row['angle']:g}" if row["angle"] is not None else ""
         k = row["k"] if row["k"] is not None else "-"
-        write(
-            f"{row['function']:<16} {row['n']:>5} {row['method']:<8} {k:>3} {row['seed']:>4} "
-            f"{row['best_value']:>14.4f} {minimum:>14.4f}{flag}"
-        )
+        tqdm.write(f"{row['function']:<16} {row['n']:>5} {row['method']:<8} {k:>3} {row['seed']:>4} "
+                   f"{row['best_value']:>14.4f} {minimum:>14.4f}{angle}{flag}")
+    summary = summarize(read_csv(out / "optimization.csv")[1])
+    write_csv(out / "optimization_summary.csv", SUMMARY_COLUMNS, summary)
+    plot_optimization(summary, out / "optimization.png")
+    print(f"wrote {out / 'optimization.csv'}, optimization_summary.csv and optimization.png")
+
+
+def _add_reproduce(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("reproduce", help="run Fig. 3, 4 and 5 of the paper and write REPORT.md")
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores instead of hours")
+    p.add_argument("--engine", default="jvp", choices=list(ENGINES))
+    p.add_argument("--out", default="runs/reproduce")
+    p.set_defaults(handler=_reproduce)
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from .experiments.reproduce import FULL, QUICK, reproduce
+
+    settings = QUICK if args.quick else FULL
+    print(settings.note, flush=True)
+    report = reproduce(prepare_out_dir(args.out), settings, engine=args.engine)
+    print(Path(report).read_text())
+    print(f"wrote {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frog", description="Multi-tangent forward gradients.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_approx(commands)
     _add_optimize(commands)
+    _add_reproduce(commands)
     return parser
 
 

@@ -115,8 +115,11 @@ class SimEngine(Engine):
     def __call__(self, fn, primals, plan):
         leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
         with torch.enable_grad():
-            value = fn(leaves)
-            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+            value = check_scalar(fn(leaves))
+            if value.requires_grad:
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+            else:  # fn does not depend on the primals
+                grads = (None,) * len(leaves)
         k = plan.num_tangents
         jvps = torch.zeros(k, dtype=value.dtype, device=value.device)
         for b, grad in enumerate(grads):
@@ -156,6 +159,14 @@ class FiniteDifferenceEngine(Engine):
         return value, torch.stack(jvps)
 
 
+def check_scalar(value: torch.Tensor) -> torch.Tensor:
+    """``value`` if it is a scalar tensor, else a ValueError that says so."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"the function must return a scalar tensor, got {shape}")
+    return value
+
+
 def make_engine(name: str, fd_step: float = 1e-3) -> Engine:
     """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``)."""
     if name == "jvp":
@@ -186,10 +197,11 @@ def explained_forward_mode_errors(engine: str) -> Iterator[None]:
                 f"the operation {missing.group(1)} has no forward-mode (jvp) rule in PyTorch, so "
                 f"engine={engine!r} cannot run it; {fix}"
             ) from error
-        if "custom autograd.Function" in message or "does not have vmap support" in message:
+        if any(hint in message for hint in ("custom autograd.Function", "does not have vmap support", "setup_context")):
             raise ForwardModeError(
-                "a custom torch.autograd.Function in the model lacks forward-mode support (a jvp "
-                f"staticmethod, and for engine='jvp' also vmap or generate_vmap_rule=True); {fix}"
+                "a custom torch.autograd.Function in the model lacks forward-mode support (torch.func needs "
+                "forward() without ctx plus setup_context(), a jvp staticmethod, and for engine='jvp' also "
+                f"vmap or generate_vmap_rule=True); {fix}"
             ) from error
         if "mutate a captured Tensor" in message:
             raise ForwardModeError(

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .aggregation import check_method, coefficients, combine, scale_correction
-from .engines import Function, explained_forward_mode_errors, make_engine
+from .engines import Function, check_scalar, explained_forward_mode_errors, make_engine
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
 
@@ -158,8 +158,7 @@ class ForwardGradient:
         plan = self.plan(list(primals.values()))
         with explained_forward_mode_errors(self.engine.name):
             value, jvps = self.engine(fn, primals, plan)
-        if value.dim() != 0:
-            raise ValueError(f"the function must return a scalar, got a tensor of shape {tuple(value.shape)}")
+        check_scalar(value)
         if not (torch.isfinite(value) and torch.isfinite(jvps).all()):
             raise NonFiniteError(
                 f"step {self.step}: the {'loss' if not torch.isfinite(value) else 'jvps'} became "

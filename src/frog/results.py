@@ -31,14 +31,12 @@ class CsvLog:
         self.columns = list(columns)
         self.rows: list[dict[str, str]] = []
         if self.path.exists() and self.path.stat().st_size > 0:
-            with self.path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames != self.columns:
-                    raise ValueError(
-                        f"{self.path} has columns {reader.fieldnames}, expected {self.columns}; "
-                        "use another output folder or delete the file"
-                    )
-                self.rows = list(reader)
+            header, self.rows = read_csv(self.path)
+            if header != self.columns:
+                raise ValueError(
+                    f"{self.path} has columns {header}, expected {self.columns}; "
+                    "use another output folder or delete the file"
+                )
         else:
             with self.path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(self.columns)
@@ -50,13 +48,31 @@ class CsvLog:
 
     def append(self, row: dict[str, object]) -> None:
         """Write one row at once (missing columns stay empty)."""
-        text = {c: _text(row.get(c, "")) for c in self.columns}
+        written = {c: text(row.get(c, "")) for c in self.columns}
         with self.path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([text[c] for c in self.columns])
-        self.rows.append(text)
+            csv.writer(handle).writerow([written[c] for c in self.columns])
+        self.rows.append(written)
 
 
-def _text(value: object) -> str:
+def read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows (dicts of strings) of a CSV file."""
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> Path:
+    """Write a whole (derived) table at once, replacing the file."""
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([text(row.get(c, "")) for c in columns])
+    return Path(path)
+
+
+def text(value: object) -> str:
+    """How a value is written to CSV: true/false, repr for floats, empty for None."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

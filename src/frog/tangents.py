@@ -56,6 +56,11 @@ def mean_squared_norm(kind: str, normalize: bool, n: int) -> float:
     return float(n) if kind in ("normal", "rademacher") and not normalize else 1.0
 
 
+def needs_gram(kind: str, normalize: bool) -> bool:
+    """Whether the sampler mixes its raw tangents (its :func:`mixing` depends on their Gram matrix)."""
+    return kind in ("orthonormal", "angle") or (normalize and kind != "basis")
+
+
 def derive_seed(*keys: int) -> int:
     """A 63-bit generator seed from integer keys (splitmix64 chain), e.g. (seed, step, row, block)."""
     state = 0x9E3779B97F4A7C15
@@ -74,22 +79,23 @@ def raw_rows(
     shape: torch.Size,
     *,
     offset: int = 0,
+    batch: Sequence[int] = (),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Raw tangents ``rows`` (global row indices) of a block with ``shape``, shape (len(rows), *shape).
+    """Raw tangents ``rows`` (global row indices) of a block: shape (*batch, len(rows), *shape).
 
     ``normal``, ``orthonormal`` and ``angle`` draw N(0, 1) entries, ``rademacher`` +-1 entries,
     ``basis`` puts row i at global coordinate i (the block covers offset .. offset + numel - 1).
     """
-    size = (len(rows), *shape)
+    size = (*batch, len(rows), *shape)
     if kind == "basis":
         flat = torch.zeros(len(rows), math.prod(shape), device=device, dtype=dtype)
         for j, i in enumerate(rows):
             if offset <= i < offset + flat.shape[1]:
                 flat[j, i - offset] = 1.0
-        return flat.reshape(size)
+        return flat.reshape(size[len(batch):]).expand(size).clone()
     if kind == "rademacher":
         bits = torch.empty(size, device=device, dtype=dtype).bernoulli_(0.5, generator=generator)
         return bits.mul_(2).sub_(1)
@@ -97,34 +103,35 @@ def raw_rows(
 
 
 def mixing(kind: str, normalize: bool, gram: torch.Tensor, angle: float | None = None) -> torch.Tensor | None:
-    """The k x k matrix T with tangents V = T W, from the raw Gram matrix G = W W^T (float64).
+    """The matrix T with tangents V = T W, from the raw Gram matrix G = W W^T (float64, (..., k, k)).
 
     Returns None when V = W. ``orthonormal``: T = L^-1 with G = L L^T. ``angle``: v_1 = w_1/|w_1|,
     v_i = cos(a) v_1 + sin(a) r_i with r_i the normalized rejection of w_i from v_1.
-    ``normalize``: T = diag(G)^-1/2 (tangents of unit length).
+    ``normalize``: T = diag(G)^-1/2 (tangents of unit length). Leading dimensions are batches.
     """
-    k = gram.shape[0]
+    k = gram.shape[-1]
     if kind == "orthonormal":
         lower, info = torch.linalg.cholesky_ex(gram)
-        if int(info) != 0:
+        if bool((info != 0).any()):
             raise ValueError("orthonormal tangents need linearly independent raw tangents (k <= n)")
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device).expand_as(gram)
         return torch.linalg.solve_triangular(lower, eye, upper=False)
     if kind == "angle":
         a = math.radians(float(angle))
-        norm1 = gram[0, 0].sqrt()
-        transform = torch.zeros_like(gram)
-        transform[0, 0] = 1.0 / norm1
-        along = gram[1:, 0] / gram[0, 0]  # w_i . w_1 / |w_1|^2
-        rejection_norm = (gram.diagonal()[1:] - along * gram[1:, 0]).clamp_min(0).sqrt()
-        if k > 1 and bool((rejection_norm <= 1e-12 * gram.diagonal()[1:].sqrt()).any()):
+        norm1 = gram[..., 0, 0].sqrt()
+        squared_norms = gram.diagonal(dim1=-2, dim2=-1)[..., 1:]
+        along = gram[..., 1:, 0] / gram[..., :1, 0]  # w_i . w_1 / |w_1|^2
+        rejection_norm = (squared_norms - along * gram[..., 1:, 0]).clamp_min(0).sqrt()
+        if k > 1 and bool((rejection_norm <= 1e-12 * squared_norms.sqrt()).any()):
             raise ValueError("angle tangents: a random tangent was parallel to the first; use n >= 2")
+        transform = torch.zeros_like(gram)
+        transform[..., 0, 0] = 1.0 / norm1
         idx = torch.arange(1, k, device=gram.device)
-        transform[idx, 0] = math.cos(a) / norm1 - math.sin(a) * along / rejection_norm
-        transform[idx, idx] = math.sin(a) / rejection_norm
+        transform[..., idx, 0] = math.cos(a) / norm1.unsqueeze(-1) - math.sin(a) * along / rejection_norm
+        transform[..., idx, idx] = math.sin(a) / rejection_norm
         return transform
     if normalize:
-        return torch.diag(gram.diagonal().rsqrt())
+        return torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1).rsqrt())
     return None
 
 
@@ -135,11 +142,14 @@ def sample_tangents(
     *,
     angle: float | None = None,
     normalize: bool = False,
+    batch: int | Sequence[int] = (),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sample k tangents of a given shape, returned as a tensor (k, *shape).
+
+    With ``batch`` (e.g. a number of samples S), independent draws of shape (*batch, k, *shape).
 
     Example: ``sample_tangents(4, 64, generator=torch.Generator().manual_seed(0))`` is (4, 64)
     with i.i.d. N(0, 1) entries. ``kind`` is one of ``normal``, ``rademacher``, ``basis`` (the
@@ -151,19 +161,26 @@ def sample_tangents(
     check_size(kind, num_tangents, math.prod(shape))
     if generator is not None and device is None:
         device = generator.device
-    raw = raw_rows(kind, range(num_tangents), shape, generator=generator, device=device, dtype=dtype)
-    flat = raw.reshape(num_tangents, -1)
-    transform = mixing(kind, normalize, gram_of(flat), angle)
-    if transform is None:
+    batch = (batch,) if isinstance(batch, int) else tuple(batch)
+    raw = raw_rows(kind, range(num_tangents), shape, batch=batch, generator=generator, device=device, dtype=dtype)
+    if not needs_gram(kind, normalize):
         return raw
+    flat = raw.reshape(*batch, num_tangents, -1)
+    transform = mixing(kind, normalize, gram_of(flat), angle)
     return (transform.to(raw.dtype) @ flat).reshape(raw.shape)
 
 
 def gram_of(flat: torch.Tensor) -> torch.Tensor:
-    """G = W W^T of rows W (k, m), accumulated in float64: shape (k, k)."""
-    if flat.dtype == torch.float64:
-        return flat @ flat.T
-    return (flat @ flat.T).to(torch.float64)
+    """G = W W^T of rows W (..., k, m), returned in float64: shape (..., k, k).
+
+    The product runs in float64 unless the block is tall (m >= 64 k): random tall blocks are well
+    conditioned, so their Gram matrix loses nothing that matters in the tangents' own precision.
+    """
+    k, m = flat.shape[-2], flat.shape[-1]
+    if flat.dtype != torch.float64 and m >= 64 * k:
+        return (flat @ flat.mT).to(torch.float64)
+    wide = flat.to(torch.float64)
+    return wide @ wide.mT
 
 
 class TangentPlan:
@@ -210,10 +227,9 @@ class TangentPlan:
         self.device, self.dtype = device, dtype
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
         self._gram: torch.Tensor | None = None
-        self.track_gram = track_gram or self.needs_gram()
+        self.track_gram = track_gram or needs_gram(kind, normalize)
         self._block_grams: dict[int, torch.Tensor] = {}
         self._transform: torch.Tensor | None = None
-        self._transform_known = False
 
     def block(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Raw tangents of block ``index``: shape (len(rows), *shape); all k rows by default."""
@@ -258,11 +274,9 @@ class TangentPlan:
 
     def transform(self) -> torch.Tensor | None:
         """The mixing T (float64, k x k) of this sampler, or None when V = W."""
-        if not self._transform_known:
+        if not needs_gram(self.kind, self.normalize):
+            return None
+        if self._transform is None:
             self._transform = mixing(self.kind, self.normalize, self.gram(), self.angle)
-            self._transform_known = True
         return self._transform
 
-    def needs_gram(self) -> bool:
-        """Whether the sampler's mixing depends on the Gram matrix."""
-        return self.kind in ("orthonormal", "angle") or (self.normalize and self.kind != "basis")

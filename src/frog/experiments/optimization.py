@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,8 @@ from ..functions import get_function
 from ..lrs import math_lr
 from ..methods import check_method_name, estimator_for
 from ..optimize import gradient_descent
-from ..results import CsvLog
+from ..results import CsvLog, text
+from ..tangents import check_kind
 
 COLUMNS = ["function", "n", "method", "k", "seed", "lr", "best_value", "final_value", "steps", "diverged",
            "engine", "sampler", "angle"]
@@ -33,8 +36,7 @@ class Run:
 
     def key(self) -> tuple[str, ...]:
         sampler = "angle" if self.angle is not None else "normal"
-        fields = (self.function, self.n, self.method, self.k, self.seed, sampler, self.angle)
-        return tuple("" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)) for v in fields)
+        return tuple(text(v) for v in (self.function, self.n, self.method, self.k, self.seed, sampler, self.angle))
 
 
 def plan_runs(
@@ -58,6 +60,8 @@ def plan_runs(
         check_method_name(method)
     if any(n < 1 for n in dims) or any(k < 1 for k in tangents):
         raise ValueError("dimensions n and tangent counts k must be >= 1")
+    for angle in angles or []:
+        check_kind("angle", angle)
     runs = []
     for function in functions:
         for n in dims:
@@ -103,3 +107,30 @@ def run_all(
         if log is not None:
             log.append(row)
         yield row
+
+
+SUMMARY_COLUMNS = ["function", "n", "method", "k", "angle", "runs", "diverged", "best_mean", "best_std", "minimum"]
+
+
+def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    """Mean and standard deviation over seeds of the best value, per (function, n, method, k, angle).
+
+    Diverged runs count with the best value they reached before diverging.
+    """
+    groups: dict[tuple, list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        key = tuple(text(row[c]) for c in ("function", "n", "method", "k", "angle"))
+        groups[key].append(row)
+    summary = []
+    for (function, n, method, k, angle), members in groups.items():
+        best = [float(r["best_value"]) for r in members]
+        mean = sum(best) / len(best)
+        std = math.sqrt(sum((b - mean) ** 2 for b in best) / (len(best) - 1)) if len(best) > 1 else 0.0
+        summary.append({
+            "function": function, "n": int(n), "method": method, "k": k, "angle": angle,
+            "runs": len(members), "diverged": sum(str(r["diverged"]) in ("True", "true") for r in members),
+            "best_mean": mean, "best_std": std, "minimum": get_function(function).minimum(int(n)),
+        })
+    return summary
+
+

@@ -1,0 +1,140 @@
+"""REPORT.md of ``frog reproduce``: the figures, key numbers and a check of the paper's claims."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+Row = dict[str, object]
+
+
+def _is_true(value: object) -> bool:
+    return str(value) in ("True", "true")
+
+
+def _approx(rows: Sequence[Row], method: str, k: int, normalized: bool = False, angle: str = "") -> Row | None:
+    for row in rows:
+        if (row["method"] == method and int(row["k"]) == k and _is_true(row["normalized"]) == normalized
+                and str(row.get("angle") or "") == angle and int(row["n"]) == 64):
+            return row
+    return None
+
+
+def _cell(row: Row | None, metric: str) -> str:
+    return "–" if row is None else f"{float(row[f'{metric}_mean']):.4f} ± {float(row[f'{metric}_ci']):.4f}"
+
+
+def _best(summary: Sequence[Row], function: str, n: int, method: str, k: object, angle: str = "") -> float | None:
+    for row in summary:
+        if (row["function"] == function and int(row["n"]) == n and row["method"] == method
+                and str(row["k"] or "") == str(k or "") and str(row["angle"] or "") == angle):
+            return float(row["best_mean"])
+    return None
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _compare(a: float, b: float) -> int:
+    """-1 if a is clearly lower than b, 1 if clearly higher, 0 for a tie (relative 1e-3)."""
+    if abs(a - b) <= 1e-3 * (abs(a) + abs(b) + 1e-9):
+        return 0
+    return -1 if a < b else 1
+
+
+def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row]) -> list[tuple[str, bool, str]]:
+    """(claim, holds, evidence) for each of the paper's claims (SPEC "Claims to reproduce")."""
+    out = []
+    ks = sorted({int(r["k"]) for r in approx if int(r["n"]) == 64})
+    frog_cos = [float(_approx(approx, "frog", k)["cosine_mean"]) for k in ks]
+    mean_cos = [float(_approx(approx, "mean", k)["cosine_mean"]) for k in ks]
+    monotone = all(b >= a - 1e-9 for a, b in zip(frog_cos, frog_cos[1:])) and all(
+        b >= a - 0.01 for a, b in zip(mean_cos, mean_cos[1:]))
+    out.append(("The approximation (cosine similarity) improves with k.", monotone,
+                f"n = 64: frog {frog_cos[0]:.3f} -> {frog_cos[-1]:.3f}, mean {mean_cos[0]:.3f} -> {mean_cos[-1]:.3f} "
+                f"for k = {ks[0]} -> {ks[-1]}"))
+    beaten = [k for k in ks if 1 < k and float(_approx(approx, "frog", k)["cosine_mean"]) + 1e-12
+              < max(float(_approx(approx, m, k, z)["cosine_mean"]) for m in ("mean", "sum") for z in (False, True))]
+    exact = _approx(approx, "frog", 64)
+    exact_ok = exact is not None and float(exact["cosine_mean"]) > 0.99999 and abs(float(exact["norm_ratio_mean"]) - 1) < 1e-4
+    out.append(("frog is better than the conical combinations (sum, mean) and exact at k = n.",
+                not beaten and exact_ok,
+                f"frog's cosine >= every conical combination at each k > 1 (exceptions: {beaten or 'none'}); "
+                f"at k = n = 64: cosine {float(exact['cosine_mean']):.7f}, norm ratio {float(exact['norm_ratio_mean']):.7f}"))
+    small, right = "15.0", "90.0"
+    frog_small, frog_right = _approx(angles, "frog", 16, angle=small), _approx(angles, "frog", 16, angle=right)
+    mean_small, mean_right = _approx(angles, "mean", 16, angle=small), _approx(angles, "mean", 16, angle=right)
+    if None not in (frog_small, frog_right, mean_small, mean_right):
+        stable = abs(float(frog_small["cosine_mean"]) - float(frog_right["cosine_mean"])) <= (
+            float(frog_small["cosine_ci"]) + float(frog_right["cosine_ci"]) + 1e-9)
+        degrades = float(mean_small["cosine_mean"]) < float(mean_right["cosine_mean"]) - float(mean_right["cosine_ci"])
+        out.append(("frog stays accurate when tangents are nearly parallel, where the mean degrades.",
+                    stable and degrades,
+                    f"k = 16, n = 64: frog cosine {float(frog_small['cosine_mean']):.3f} at 15 deg vs "
+                    f"{float(frog_right['cosine_mean']):.3f} at 90 deg; mean {float(mean_small['cosine_mean']):.3f} vs "
+                    f"{float(mean_right['cosine_mean']):.3f}"))
+    fg_ks = sorted({int(r["k"]) for r in summary if r["method"] == "fg-mean"})
+    cells = sorted({(str(r["function"]), int(r["n"])) for r in summary})
+    if len(fg_ks) > 1:
+        results = [_compare(_best(summary, f, n, "fg-mean", fg_ks[-1]), _best(summary, f, n, "fg-mean", fg_ks[0]))
+                   for f, n in cells]
+        wins, ties, losses = results.count(-1), results.count(0), results.count(1)
+        out.append(("In optimization more tangents help.", wins >= losses and wins > 0,
+                    f"fg-mean k = {fg_ks[-1]} vs k = {fg_ks[0]} over {len(cells)} (function, n): "
+                    f"{wins} lower, {ties} equal, {losses} higher best value"))
+    pairs = [(f, n, k) for f, n in cells for k in fg_ks if _best(summary, f, n, "frog", k) is not None]
+    if pairs:
+        results = [_compare(_best(summary, f, n, "frog", k), _best(summary, f, n, "fg-mean", k)) for f, n, k in pairs]
+        wins, ties, losses = results.count(-1), results.count(0), results.count(1)
+        dims = sorted({n for _, n, _ in pairs})
+        large = [r for (f, n, k), r in zip(pairs, results) if n == dims[-1]]
+        out.append(("frog beats the mean at equal k, most in high dimension.", wins > losses,
+                    f"frog vs fg-mean over {len(pairs)} (function, n, k): {wins} lower, {ties} equal, {losses} higher; "
+                    f"at n = {dims[-1]}: {large.count(-1)} lower, {large.count(0)} equal, {large.count(1)} higher"))
+    return out
+
+
+def write_report(
+    out: Path,
+    variant: str,
+    note: str,
+    approx: Sequence[Row],
+    angles: Sequence[Row],
+    summary: Sequence[Row],
+    angle_summary: Sequence[Row],
+    seconds: dict[str, float],
+) -> Path:
+    """Write ``out/REPORT.md`` and return its path."""
+    lines = [f"# frog reproduction report ({variant} variant)", "", note, "",
+             "Wall time: " + ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items()), ""]
+    lines += ["## Claims of the paper", "", "| claim | holds | evidence |", "|---|---|---|"]
+    lines += [f"| {c} | {'yes' if ok else '**no**'} | {why} |" for c, ok, why in claims(approx, angles, summary)]
+    lines += ["", "## Approximation quality (Fig. 3), n = 64", "", "![approximation](approximation/approximation.png)", "",
+              "| k | frog cosine | mean cosine | mean (normalized) cosine | frog norm ratio | mean norm ratio |",
+              "|---|---|---|---|---|---|"]
+    for k in sorted({int(r["k"]) for r in approx if int(r["n"]) == 64}):
+        frog, mean, unit = _approx(approx, "frog", k), _approx(approx, "mean", k), _approx(approx, "mean", k, True)
+        lines.append(f"| {k} | {_cell(frog, 'cosine')} | {_cell(mean, 'cosine')} | {_cell(unit, 'cosine')} | "
+                     f"{_cell(frog, 'norm_ratio')} | {_cell(mean, 'norm_ratio')} |")
+    lines += ["", "## Tangents at a fixed angle (Fig. 5), n = 64", "", "![angles](angles/approximation.png)", "",
+              "| angle | frog cos k=16 | mean cos k=16 | frog cos k=64 | mean cos k=64 | ST best/n fg-mean k=16 | "
+              "ST best/n frog k=16 |", "|---|---|---|---|---|---|---|"]
+    for angle in sorted({str(r["angle"]) for r in angles}, key=float):
+        cells = [_cell(_approx(angles, m, k, angle=angle), "cosine") for k in (16, 64) for m in ("frog", "mean")]
+        best = [_best(angle_summary, "styblinski-tang", 64, m, 16, angle) for m in ("fg-mean", "frog")]
+        per_dim = [_fmt(None if b is None else b / 64) for b in best]
+        lines.append(f"| {float(angle):g} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {per_dim[0]} | {per_dim[1]} |")
+    lines += ["", "## Closed-form optimization (Fig. 4): best value, mean over seeds", "",
+              "![optimization](optimization/optimization.png)", ""]
+    columns = sorted({(str(r["method"]), str(r["k"] or "")) for r in summary},
+                     key=lambda mk: (["bp", "fg-mean", "frog"].index(mk[0]), int(mk[1] or 0)))
+    lines += ["| function | n | minimum | " + " | ".join(f"{m} {('k=' + k) if k else ''}" for m, k in columns) + " |",
+              "|---|---|---|" + "---|" * len(columns)]
+    for function, n in sorted({(str(r["function"]), int(r["n"])) for r in summary}):
+        minimum = next(float(r["minimum"]) for r in summary if r["function"] == function and int(r["n"]) == n)
+        values = [_fmt(_best(summary, function, n, m, k)) for m, k in columns]
+        lines.append(f"| {function} | {n} | {minimum:.4g} | " + " | ".join(values) + " |")
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,103 @@
+"""``frog reproduce``: the paper's analysis experiments (SPEC 2.1-2.3) and a REPORT.md.
+
+The full variant uses the paper's settings; ``quick`` cuts samples, dimensions, seeds and the
+Rosenbrock step budget so it runs in a few minutes on 2 CPU cores (the report says what was cut).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..functions import FUNCTIONS
+from ..plots import plot_approximation, plot_optimization
+from ..results import read_csv, write_csv
+from . import approximation, optimization
+from .report import write_report
+
+ANGLES = [15.0, 30.0, 45.0, 60.0, 75.0, 90.0]
+POWERS_OF_TWO = [2**i for i in range(11)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a reproduction run varies between the full and the quick variant."""
+
+    name: str
+    note: str
+    approx_dims: list[int]
+    approx_samples: int
+    angle_samples: int
+    opt_dims: list[int]
+    opt_tangents: list[int]
+    opt_seeds: list[int]
+    angle_seeds: list[int]
+    steps: dict[str, int | None] = field(default_factory=dict)
+
+
+FULL = Settings(
+    name="full", note="The paper's settings (SPEC 2.1-2.3).",
+    approx_dims=POWERS_OF_TWO, approx_samples=1000, angle_samples=1000,
+    opt_dims=POWERS_OF_TWO, opt_tangents=[1, 2, 4, 16], opt_seeds=[0, 1, 2, 3, 4], angle_seeds=[0, 1, 2, 3, 4],
+)
+QUICK = Settings(
+    name="quick",
+    note="Quick variant: approximation at n = 64 only, angle approximation with 300 samples; optimization "
+         "for n in {4, 16, 64}, k in {1, 16}, seeds {0, 1}, angle optimization seed 0, Rosenbrock cut to 2500 steps.",
+    approx_dims=[64], approx_samples=1000, angle_samples=300,
+    opt_dims=[4, 16, 64], opt_tangents=[1, 16], opt_seeds=[0, 1], angle_seeds=[0], steps={"rosenbrock": 2500},
+)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def reproduce(out: Path, settings: Settings = FULL, engine: str = "jvp") -> Path:
+    """Run Fig. 3, 4 and 5 of the paper into ``out`` and write ``out/REPORT.md``; returns its path.
+
+    Every CSV row is written as it is computed; rerunning resumes where a run stopped.
+    """
+    seconds: dict[str, float] = {}
+
+    approx_dir, angle_dir = out / "approximation", out / "angles"
+    opt_dir, angle_opt_dir = out / "optimization", out / "angle_optimization"
+    for folder in (approx_dir, angle_dir, opt_dir, angle_opt_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    approx_rows: list[dict] = []
+    seconds["approximation"] = _timed(lambda: approx_rows.extend(
+        approximation.sweep(settings.approx_dims, POWERS_OF_TWO, settings.approx_samples, out_dir=approx_dir)))
+    plot_approximation([r for r in approx_rows if int(r["n"]) == 64], approx_dir / "approximation.png")
+
+    angle_rows: list[dict] = []
+    seconds["angles"] = _timed(lambda: angle_rows.extend(approximation.sweep(
+        [64], [4, 16, 64], settings.angle_samples, sampler="angle", angles=ANGLES, out_dir=angle_dir)))
+    plot_approximation([r for r in angle_rows if r["method"] in ("frog", "mean")], angle_dir / "approximation.png")
+
+    def optimize(folder: Path, runs: list[optimization.Run]) -> list[dict]:
+        for function in dict.fromkeys(run.function for run in runs):
+            selected = [run for run in runs if run.function == function]
+            for _ in optimization.run_all(selected, folder, engine=engine, steps=settings.steps.get(function)):
+                pass
+        summary = optimization.summarize(read_csv(folder / "optimization.csv")[1])
+        write_csv(folder / "optimization_summary.csv", optimization.SUMMARY_COLUMNS, summary)
+        return summary
+
+    runs = optimization.plan_runs(list(FUNCTIONS), settings.opt_dims, settings.opt_tangents,
+                                  ["bp", "fg-mean", "frog"], settings.opt_seeds)
+    opt_summary: list[dict] = []
+    seconds["optimization"] = _timed(lambda: opt_summary.extend(optimize(opt_dir, runs)))
+    plot_optimization(opt_summary, opt_dir / "optimization.png")
+
+    angle_runs = optimization.plan_runs(["styblinski-tang"], [64], [16, 64], ["fg-mean", "frog"],
+                                        settings.angle_seeds, angles=ANGLES)
+    angle_summary: list[dict] = []
+    seconds["angle_optimization"] = _timed(lambda: angle_summary.extend(optimize(angle_opt_dir, angle_runs)))
+
+    return write_report(out, settings.name, settings.note, approx_rows, angle_rows, opt_summary, angle_summary, seconds)
+
