@@ -15,7 +15,7 @@ $(BIN)/.frog-installed: pyproject.toml
 install: $(BIN)/.frog-installed
 
 run: install
-	$(BIN)/frog optimize --function styblinski-tang --dims 64 --tangents 16 --methods bp fg-mean frog --seeds 0
+	$(BIN)/frog reproduce --quick --out runs/reproduce
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -73,6 +73,7 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
             ax.set(ylabel="best value / n")
         else:
             ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_ylim(bottom=0)
             ax.set(ylabel="best value")
         ax.set(title=function, xlabel="n")
         ax.legend(fontsize=7)
