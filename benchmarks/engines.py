@@ -97,7 +97,8 @@ def main() -> None:
         return step
 
     def tangents_and_gram() -> None:
-        plan = frog.ForwardGradient(args.k, "project", seed=0).plan([p.detach() for p in model.parameters()])
+        params = [p.detach() for p in model.parameters()]
+        plan = frog.ForwardGradient(args.k, "project", seed=0).plan([p.shape for p in params], params[0])
         plan.gram()
 
     times = {"backprop": median_time(backprop_step, args.repeats, device)}

@@ -67,7 +67,7 @@ def estimator(kind, angle, aggregation, engine, k=4, seed=3, **kw):
 def linear_map(fg, x):
     """The (n, k) matrix L with estimate = L @ raw_jvps for fg's next call (the estimate is linear
     in the jvps); its spectral norm turns a jvp error bound into an estimate error bound."""
-    plan = fg.plan([x])
+    plan = fg.plan([x.shape], x)
     k = fg.num_tangents
     coeffs = fg.coefficients(plan, torch.eye(k, dtype=F64))  # column j: coefficients of e_j
     w = plan.block(0).reshape(k, -1)
@@ -135,7 +135,7 @@ def test_sim_estimate_matches_explicit_tangents(kind, angle, aggregation):
     fn = FUNCTIONS["quadratic"]
     x = torch.rand(6, generator=gen(4), dtype=F64)
     fg = estimator(kind, angle, aggregation, "sim", k=3)
-    plan = fg.plan([x])
+    plan = fg.plan([x.shape], x)
     w = plan.block(0).reshape(3, -1)
     t = plan.transform()
     v = w if t is None else t @ w

@@ -66,7 +66,7 @@ def test_grad_project_is_projection_of_true_gradient(seed, k):
     estimator's tangents are the plan's (so we can reconstruct them)."""
     x = torch.randn(3, 3, generator=gen(seed), dtype=F64)
     fg = frog.ForwardGradient(k, "project", "normal", engine="loop", seed=seed)
-    v = fg.plan([x]).block(0)
+    v = fg.plan([x.shape], x).block(0)
     est = fg.grad(quartic, x)
     torch.testing.assert_close(est, lstsq_projection(v, autograd_grad(quartic, x)), rtol=1e-8, atol=1e-10)
 

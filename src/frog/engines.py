@@ -50,9 +50,21 @@ class RngReplay:
             torch.cuda.set_rng_state(self.cuda_state, self.device)
 
 
+def shaped_like(rows: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
+    """Tangent rows (r, *shape) for a primal of shape ``shape`` or (B, *shape).
+
+    A primal with a leading batch dimension that the block shape lacks (a block activity) gets the
+    same tangent for every sample: the result is then (r, B, *shape), a broadcast view.
+    """
+    rows = rows.to(primal.dtype)
+    if primal.dim() == rows.dim() - 1:
+        return rows
+    return rows.unsqueeze(1).expand(rows.shape[0], *primal.shape)
+
+
 def _rows(plan: TangentPlan, names: list[str], row: int, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Raw tangent ``row`` of every block, as a dict shaped like the primals."""
-    return {name: plan.block(b, [row])[0].to(primals[name].dtype) for b, name in enumerate(names)}
+    return {name: shaped_like(plan.block(b, [row]), primals[name])[0] for b, name in enumerate(names)}
 
 
 def _device(primals: dict[str, torch.Tensor]) -> torch.device:
@@ -70,7 +82,11 @@ class Engine(ABC):
     def __call__(
         self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (value, jvps (k,)) of ``fn`` at ``primals`` along the plan's raw tangents."""
+        """Returns (value, jvps) of ``fn`` at ``primals`` along the plan's raw tangents.
+
+        value: fn's output, () or (B,); jvps: (k, *value.shape). Primals with a leading batch
+        dimension beyond their block's shape share one tangent across the batch (:func:`shaped_like`).
+        """
 
 
 class JvpEngine(Engine):
@@ -81,7 +97,7 @@ class JvpEngine(Engine):
 
     def __call__(self, fn, primals, plan):
         names = list(primals)
-        tangents = [plan.block(b).to(primals[name].dtype) for b, name in enumerate(names)]
+        tangents = [shaped_like(plan.block(b), primals[name]) for b, name in enumerate(names)]
 
         def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(fn, (primals,), (dict(zip(names, blocks)),))
@@ -107,7 +123,12 @@ class LoopEngine(Engine):
 
 
 class SimEngine(Engine):
-    """Exact gradient g by autograd, then d = W g block by block (the paper's "simulation")."""
+    """Exact gradient g by autograd, then d = W g block by block (the paper's "simulation").
+
+    For per-sample outputs (B,) with batched primals, g is the gradient of their sum at each
+    sample's position, so d[:, i] = W g_i: the jvps of output i when samples do not interact
+    (true unless e.g. BatchNorm in train mode couples them).
+    """
 
     name = "sim"
     single_pass = True
@@ -115,16 +136,17 @@ class SimEngine(Engine):
     def __call__(self, fn, primals, plan):
         leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
         with torch.enable_grad():
-            value = check_scalar(fn(leaves))
+            value = fn(leaves)
             if value.requires_grad:
-                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
             else:  # fn does not depend on the primals
                 grads = (None,) * len(leaves)
         k = plan.num_tangents
-        jvps = torch.zeros(k, dtype=value.dtype, device=value.device)
+        jvps = torch.zeros(k, *value.shape, dtype=value.dtype, device=value.device)
         for b, grad in enumerate(grads):
             if grad is not None:
-                jvps += plan.block(b).reshape(k, -1).to(grad.dtype) @ grad.reshape(-1)
+                per_sample = grad.reshape(value.numel(), -1).T  # (m, 1) or, for B outputs, (m, B)
+                jvps += (plan.block(b).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
         return value.detach(), jvps
 
 
@@ -148,8 +170,9 @@ class FiniteDifferenceEngine(Engine):
             value = fn(primals)
             jvps = []
             for i in range(plan.num_tangents):
-                row = _rows(plan, names, i, primals)
-                norm = torch.sqrt(sum((t.double() ** 2).sum() for t in row.values()))
+                raw = [plan.block(b, [i]) for b in range(len(names))]
+                norm = torch.sqrt(sum(r.double().square().sum() for r in raw))
+                row = {name: shaped_like(r, primals[name])[0] for name, r in zip(names, raw)}
                 h = self.step / norm
                 replay.reset()
                 plus = fn({name: primals[name] + (h * t).to(t.dtype) for name, t in row.items()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -10,10 +10,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
 from .engines import Function, check_scalar, explained_forward_mode_errors, make_engine
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
+
+
+PERTURBATIONS = ("weight", "activity")
 
 
 class _LossOf(nn.Module):
@@ -73,6 +77,9 @@ class ForwardGradient:
         scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
         fd_step: step length h of the ``fd`` engine.
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
+        perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
+            or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
+        blocks: the blocks for activity perturbation (default: the children of an nn.Sequential).
     """
 
     def __init__(
@@ -88,6 +95,8 @@ class ForwardGradient:
         scale_correction: bool = False,
         fd_step: float = 1e-3,
         rtol: float | None = None,
+        perturbation: str = "weight",
+        blocks: Sequence[nn.Module] | None = None,
     ) -> None:
         if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
             raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
@@ -95,6 +104,8 @@ class ForwardGradient:
         check_kind(tangents, angle)
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
@@ -104,6 +115,8 @@ class ForwardGradient:
         self.angle = angle
         self.scale_correction = scale_correction
         self.rtol = rtol
+        self.perturbation = perturbation
+        self.blocks = blocks
         self.step = 0
 
     def __repr__(self) -> str:
@@ -121,12 +134,11 @@ class ForwardGradient:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
     # -- core --------------------------------------------------------------------------------
-    def plan(self, tensors: list[torch.Tensor]) -> TangentPlan:
-        """The tangent plan of the current call for blocks shaped like ``tensors``."""
-        first = tensors[0]
+    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor) -> TangentPlan:
+        """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``)."""
         return TangentPlan(
-            self.tangents, self.num_tangents, [t.shape for t in tensors],
-            seed=self.seed, step=self.step, device=first.device, dtype=first.dtype,
+            self.tangents, self.num_tangents, shapes,
+            seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
             normalize=self.normalize, angle=self.angle,
             cache=self.engine.keeps_all_tangents, track_gram=self.aggregation == "project",
         )
@@ -150,26 +162,34 @@ class ForwardGradient:
             coeffs = (transform.T @ coeffs.double()).to(coeffs.dtype)
         return coeffs
 
-    def estimate(self, fn: Function, primals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Value of ``fn`` and the forward-gradient estimate for each named primal (same shapes).
+    def coefficients_of(
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the engine and aggregate: ``(value, coefficients)`` on the plan's raw tangents.
 
-        Advances the call counter, so the next call draws new tangents.
+        value is fn's output, () or (B,); coefficients are (k,) or (k, B). Checks that the loss and
+        the jvps are finite, then advances the call counter (the next call draws new tangents).
         """
-        plan = self.plan(list(primals.values()))
         with explained_forward_mode_errors(self.engine.name):
             value, jvps = self.engine(fn, primals, plan)
-        check_scalar(value)
-        if not (torch.isfinite(value) and torch.isfinite(jvps).all()):
+        if not (torch.isfinite(value).all() and torch.isfinite(jvps).all()):
+            what = "loss" if not torch.isfinite(value).all() else "jvps"
             raise NonFiniteError(
-                f"step {self.step}: the {'loss' if not torch.isfinite(value) else 'jvps'} became "
-                f"non-finite (loss {value.item()}); the iterate diverged: use a smaller learning rate"
+                f"step {self.step}: the {what} became non-finite (loss {value.mean().item()}); "
+                "the iterate diverged: use a smaller learning rate"
             )
         coeffs = self.coefficients(plan, jvps)
+        self.step += 1
+        return value, coeffs
+
+    def estimate(self, fn: Function, primals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Value of scalar ``fn`` and the forward-gradient estimate for each named primal (same shapes)."""
+        plan = self.plan([p.shape for p in primals.values()], next(iter(primals.values())))
+        value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan)
         estimates = {
             name: combine(plan.block(b), coeffs).to(tensor.dtype)
             for b, (name, tensor) in enumerate(primals.items())
         }
-        self.step += 1
         return value, estimates
 
     # -- plain functions ---------------------------------------------------------------------
@@ -197,8 +217,10 @@ class ForwardGradient:
         """Set ``p.grad`` of every trainable parameter to its forward-gradient estimate.
 
         Weight perturbation: one tangent block per parameter tensor, generated from the seed
-        block by block (the Gram matrix is accumulated over the blocks). ``loss_fn(model)`` must
-        return a scalar loss. BatchNorm running statistics are updated exactly once per call.
+        block by block (the Gram matrix is accumulated over the blocks); ``loss_fn(model)`` returns
+        a scalar loss. Activity perturbation: one tangent per block output, shared by the batch;
+        ``loss_fn(model)`` returns per-sample losses (B,) and the returned loss is their mean.
+        BatchNorm running statistics are updated exactly once per call.
         With ``accumulate`` the estimate is added to existing gradients. Returns the loss (detached).
         """
         if not isinstance(model, nn.Module):
@@ -206,6 +228,18 @@ class ForwardGradient:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no parameters with requires_grad=True")
+        if self.perturbation == "activity":
+            value, estimates = self._activity_estimates(model, loss_fn, params)
+        else:
+            value, estimates = self._weight_estimates(model, loss_fn, params)
+        for name, p in params.items():
+            if accumulate and p.grad is not None:
+                p.grad.add_(estimates[name])
+            else:
+                p.grad = estimates[name]
+        return value
+
+    def _weight_estimates(self, model, loss_fn, params):
         wrapper = _LossOf(model, loss_fn)
 
         def loss_at(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,10 +250,36 @@ class ForwardGradient:
         if frozen:
             with torch.no_grad():
                 loss_fn(model)  # one plain pass updates the running statistics once
-        for name, p in params.items():
-            if accumulate and p.grad is not None:
-                p.grad.add_(estimates[name])
-            else:
-                p.grad = estimates[name]
-        return value
+        return value, estimates
 
+    def _activity_estimates(self, model, loss_fn, params):
+        """Activity perturbation: per-sample jvps (k, B) of the losses along one tangent per block
+        output (shared by the batch), per-sample coefficients, then each block's weight gradient by
+        a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]."""
+        blocks = blocks_of(model, self.blocks)
+        with local_graphs(blocks) as outputs:  # the one plain pass: running statistics update here
+            losses = _per_sample(loss_fn(model))
+        plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
+
+        def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
+            with perturbed(blocks, list(perturbations.values())):
+                return _per_sample(loss_fn(model))
+
+        zeros = {f"block{b}": torch.zeros_like(h).detach() for b, h in enumerate(outputs)}
+        with _frozen_running_stats(model, freeze=True):
+            _, coeffs = self.coefficients_of(losses_at, zeros, plan)
+        scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
+        output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
+        names = list(params)
+        grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
+        estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+        return losses.detach().mean(), estimates
+
+
+def _per_sample(losses: torch.Tensor) -> torch.Tensor:
+    """Check that a loss function for activity perturbation returned per-sample losses (B,)."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError("with perturbation='activity' the loss function must return per-sample losses of "
+                         f"shape (B,), e.g. cross_entropy(..., reduction='none'); got {shape}")
+    return losses
