@@ -108,12 +108,53 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {report}")
 
 
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p = commands.add_parser("train", help="train a network with backprop or forward gradients (paper Sec. 4.4-4.5)")
+    p.add_argument("--model", default=d.model, help="fc, conv, resnet18 or vit")
+    p.add_argument("--width", type=int, default=d.width, help="hidden width of the fc model")
+    p.add_argument("--dataset", default=d.dataset, help="digits (embedded), fashion-mnist, mnist or cifar10")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
+    p.add_argument("--gradient", default=d.gradient, help=f"of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--tangents", "-k", type=int, default=d.tangents)
+    p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers, autograd) or fd")
+    p.add_argument("--perturbation", default=d.perturbation, help="activity (as the paper) or weight")
+    p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping on the validation loss")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64, 128 for cifar10")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--out", default="runs/train", help="folder for metrics.csv, config.json, checkpoint.pt")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir, gradient=args.gradient,
+        tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, lr=args.lr,
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
+    )
+    rows = train(config, prepare_out_dir(args.out), resume=args.resume, log=tqdm.write)
+    if rows:
+        last = rows[-1]
+        print(f"epoch {last['epoch']}: test accuracy {float(last['test_accuracy']):.4f}; wrote {args.out}/metrics.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frog", description="Multi-tangent forward gradients.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_approx(commands)
     _add_optimize(commands)
     _add_reproduce(commands)
+    _add_train(commands)
     return parser
 
 

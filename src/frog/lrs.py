@@ -46,3 +46,23 @@ def math_lr(function: str, n: int, method: str, k: int | None, angle: float | No
     sampler = "normal" if method == "frog" else f"specific_angle_{angle:g}"
     optimizer = f"FG(k={k},agg={'orthogonal_projection' if method == 'frog' else 'mean'},normalize=False,sampler={sampler})"
     return lookup("math__custom_tangents", function=function, n=n, gradient_approach=method, k=k, optimizer=optimizer)
+
+
+def network_lr(model: str, width: int, dataset: str, method: str, k: int | None) -> tuple[float, str]:
+    """Step size of the network experiments (``fc_nns.csv``, ``sota_nns.csv``) and where it came from.
+
+    The paper tuned MNIST and CIFAR-10 only: Fashion-MNIST and digits use the MNIST row.
+    """
+    k = None if method == "bp" else k
+    table_dataset = dataset if dataset in ("mnist", "cifar10") else "mnist"
+    if model == "fc":
+        table, row_model = "fc_nns", f"fc_w={width}"
+    elif model in ("resnet18", "vit"):
+        table, row_model = "sota_nns", model
+    else:
+        raise ValueError(f"the paper has no step size for model {model!r}; give one with --lr")
+    lr = lookup(table, model=row_model, dataset=table_dataset, gradient_approach=method, k=k)
+    note = f"paper's {table}.csv, {row_model}, {table_dataset}, {method}" + (f", k={k}" if k else "")
+    if table_dataset != dataset:
+        note += f" (the paper has no {dataset} row: using its MNIST row)"
+    return lr, note

@@ -70,7 +70,9 @@ def _check_input_shape(input_shape) -> tuple[int, int, int]:
     try:
         dims = tuple(input_shape)
     except TypeError:
-        raise ValueError(f"input_shape must be a tuple (channels, height, width), got {input_shape!r}; {hint}") from None
+        raise ValueError(
+            f"input_shape must be a tuple (channels, height, width), got {input_shape!r}; {hint}"
+        ) from None
     if len(dims) != 3:
         raise ValueError(
             f"input_shape must have 3 entries (channels, height, width), got {len(dims)}: {input_shape!r}; {hint}"

@@ -1,0 +1,217 @@
+"""Training networks with backprop or forward gradients (SPEC 2.4-2.5, "Training protocol").
+
+Cross-entropy, plain SGD at a constant step size (no momentum, no weight decay), early stopping on
+the validation loss. Every epoch appends a row to ``metrics.csv`` and then writes ``checkpoint.pt``;
+``resume=True`` continues from the checkpoint with the same numbers as an uninterrupted run (the
+data order of epoch e and the tangents of step t depend only on the seed, e and t).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import Dataset, Split, batches, load_dataset
+from .engines import ENGINES
+from .errors import NonFiniteError
+from .estimator import PERTURBATIONS, ForwardGradient
+from .lrs import network_lr
+from .methods import check_method_name, estimator_for
+from .models import make_model
+from .results import CsvLog, read_csv, write_csv
+from .tangents import derive_seed
+
+METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+           "seconds", "lr", "steps", "diverged"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (written to config.json)."""
+
+    model: str = "fc"
+    width: int = 1024
+    dataset: str = "digits"
+    data_dir: str | None = None
+    gradient: str = "frog"
+    tangents: int = 16
+    engine: str = "jvp"
+    perturbation: str = "activity"
+    lr: float | None = None
+    epochs: int = 200
+    patience: int = 10
+    batch_size: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def check(self) -> None:
+        """ValueError for any setting that cannot work, naming it."""
+        check_method_name(self.gradient)
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
+        for name in ("tangents", "epochs", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"the learning rate must be > 0, got {self.lr}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+
+def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """The config with lr and batch size filled in from the paper's protocol, and a note on where from."""
+    note = "learning rate given"
+    lr = config.lr
+    if lr is None:
+        lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
+    batch_size = config.batch_size or (128 if config.dataset == "cifar10" else 64)
+    return TrainConfig(**{**asdict(config), "lr": lr, "batch_size": batch_size}), note
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode, no gradients) on a split."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches(split, max(batch_size, 256), shuffle=False, device=device):
+            logits = model(x)
+            total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    model.train()
+    return total_loss / len(split), correct / len(split)
+
+
+def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y) -> tuple[float, int]:
+    """One SGD step; returns the batch's summed loss and number of correct predictions."""
+    if estimator is None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        loss.backward()
+    else:
+        captured: list[torch.Tensor] = []
+
+        def losses(m: nn.Module) -> torch.Tensor:
+            logits = m(x)
+            if not captured and _plain(logits):  # the first plain (untransformed) pass
+                captured.append(logits.detach())
+            per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
+            return per_sample if estimator.perturbation == "activity" else per_sample.mean()
+
+        loss = estimator.fill_grad(model, losses)
+        logits = captured[0] if captured else model(x).detach()
+    optimizer.step()
+    return float(loss) * len(y), int((logits.argmax(1) == y).sum())
+
+
+def train(
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    data: Dataset | None = None,
+) -> list[dict[str, str]]:
+    """Train as configured, writing ``config.json``, ``metrics.csv`` and ``checkpoint.pt`` into
+    ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset."""
+    config.check()
+    config, lr_note = resolve(config)
+    log(f"learning rate {config.lr:g} ({lr_note}), batch size {config.batch_size}")
+    out_dir = Path(out_dir)
+    checkpoint_path, metrics_path, config_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv", out_dir / "config.json"
+    device = torch.device(config.device)
+    data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
+
+    torch.manual_seed(config.seed)
+    model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
+                              perturbation=config.perturbation)
+    state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
+
+    if resume and checkpoint_path.exists():
+        saved = json.loads(config_path.read_text())["config"]
+        if saved != asdict(config):
+            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+            raise ValueError(f"cannot resume {out_dir}: settings differ from the checkpoint ({', '.join(changed)})")
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if estimator is not None:
+            estimator.load_state_dict(checkpoint["estimator"])
+        state = checkpoint["state"]
+        _, rows = read_csv(metrics_path)
+        write_csv(metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= state["epoch"]])
+        log(f"resumed after epoch {state['epoch']}")
+    elif resume:
+        log(f"no checkpoint in {out_dir}: starting from scratch")
+    if not (resume and checkpoint_path.exists()) and metrics_path.exists():
+        metrics_path.unlink()
+    config_path.write_text(json.dumps({"config": asdict(config), "lr_source": lr_note}, indent=2))
+    metrics = CsvLog(metrics_path, METRICS)
+
+    while not state["done"] and state["epoch"] < config.epochs:
+        epoch = state["epoch"] + 1
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
+        total_loss, correct, seen, diverged = 0.0, 0, 0, False
+        model.train()
+        steps = batches(data.train, config.batch_size, shuffle=True, generator=generator, device=device)
+        for x, y in tqdm(steps, total=math.ceil(len(data.train) / config.batch_size), desc=f"epoch {epoch}",
+                         disable=not progress, leave=False):
+            try:
+                loss, right = _train_step(model, optimizer, estimator, x, y)
+            except NonFiniteError as error:
+                log(f"stopped: {error}")
+                diverged = True
+                break
+            total_loss, correct, seen = total_loss + loss, correct + right, seen + len(y)
+        val_loss, val_accuracy = evaluate(model, data.val, config.batch_size, device)
+        test_loss, test_accuracy = evaluate(model, data.test, config.batch_size, device)
+        if val_loss < state["best_val"]:
+            state["best_val"], state["bad_epochs"] = val_loss, 0
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["done"] = diverged or state["bad_epochs"] >= config.patience or not math.isfinite(val_loss)
+        row = {
+            "epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
+            "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
+            "steps": estimator.step if estimator is not None else "", "diverged": diverged,
+        }
+        metrics.append(row)
+        _save(checkpoint_path, model, optimizer, estimator, state)
+        log(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_accuracy:.4f} | test acc {test_accuracy:.4f} | {row['seconds']:.1f} s")
+    if state["done"] and not diverged and state["bad_epochs"] >= config.patience:
+        log(f"early stop: no validation improvement for {config.patience} epochs")
+    return read_csv(metrics_path)[1]
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an ordinary tensor, not one wrapped by a torch.func transform."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _save(path: Path, model: nn.Module, optimizer, estimator: ForwardGradient | None, state: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (a crash never leaves a half-written file)."""
+    partial = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "estimator": estimator.state_dict() if estimator is not None else None, "state": state}, partial)
+    partial.replace(path)
