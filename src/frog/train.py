@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import Dataset, Split, batches, load_dataset
+from .data import DATASETS, Dataset, Split, batches, load_dataset
 from .engines import ENGINES
 from .errors import NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .lrs import network_lr
 from .methods import check_method_name, estimator_for
-from .models import make_model
+from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
 from .tangents import derive_seed
 
@@ -54,6 +54,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it."""
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         check_method_name(self.gradient)
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
@@ -101,7 +105,10 @@ def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y) -> tu
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the loss became {loss.item()}; use a smaller learning rate")
         loss.backward()
+        loss = loss.detach()
     else:
         captured: list[torch.Tensor] = []
 
@@ -115,7 +122,7 @@ def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y) -> tu
         loss = estimator.fill_grad(model, losses)
         logits = captured[0] if captured else model(x).detach()
     optimizer.step()
-    return float(loss) * len(y), int((logits.argmax(1) == y).sum())
+    return loss.item() * len(y), int((logits.argmax(1) == y).sum())
 
 
 def train(
@@ -130,12 +137,13 @@ def train(
     """Train as configured, writing ``config.json``, ``metrics.csv`` and ``checkpoint.pt`` into
     ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset."""
     config.check()
+    data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
     config, lr_note = resolve(config)
     log(f"learning rate {config.lr:g} ({lr_note}), batch size {config.batch_size}")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, metrics_path, config_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv", out_dir / "config.json"
     device = torch.device(config.device)
-    data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
 
     torch.manual_seed(config.seed)
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)

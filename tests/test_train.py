@@ -1,0 +1,199 @@
+"""Activity perturbation against independent math, and the training loop end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import frog
+from frog.cli import main
+from frog.models import make_model
+from frog.train import TrainConfig, train
+
+F64 = torch.float64
+
+
+def tiny_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(5, 3), nn.Tanh()),
+        nn.Sequential(nn.Linear(3, 3), nn.ReLU()),
+        nn.Linear(3, 2),
+    ).double()
+
+
+def per_sample_ce(x, y):
+    return lambda m: nn.functional.cross_entropy(m(x), y, reduction="none")
+
+
+def backprop_grads(model, x, y):
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def estimated_grads(model, estimator, loss_fn):
+    loss = estimator.fill_grad(model, loss_fn)
+    return loss, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("engine", ["jvp", "loop", "sim", "fd"])
+def test_activity_frog_with_k_equal_activity_dimension_is_backprop(engine):
+    """The activities have 3 + 3 + 2 = 8 entries per sample: 8 tangents span them, frog is exact,
+    and the block-local products then give exactly the backprop weight gradient."""
+    model = tiny_mlp()
+    x, y = torch.randn(4, 5, dtype=F64), torch.tensor([0, 1, 1, 0])
+    true = backprop_grads(model, x, y)
+    fg = frog.ForwardGradient(8, "project", engine=engine, seed=3, perturbation="activity")
+    loss, grads = estimated_grads(model, fg, per_sample_ce(x, y))
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(model(x), y)), rel=1e-12)
+    tol = 1e-6 if engine == "fd" else 1e-10
+    for g, t in zip(grads, true):
+        torch.testing.assert_close(g, t, rtol=tol, atol=tol)
+
+
+def test_activity_estimate_matches_explicit_projection():
+    """Weight gradient = sum over samples of block-local VJPs of P_U(dl_i/dh), built by hand."""
+    model = tiny_mlp()
+    x, y = torch.randn(6, 5, dtype=F64), torch.tensor([0, 1, 1, 0, 1, 0])
+    fg = frog.ForwardGradient(3, "project", engine="sim", seed=5, perturbation="activity")
+    plan = fg.plan([torch.Size([3]), torch.Size([3]), torch.Size([2])], x)
+    tangents = torch.cat([plan.block(b) for b in range(3)], dim=1)  # (k, 8): the global tangent
+    _, grads = estimated_grads(model, fg, per_sample_ce(x, y))
+
+    # independent: per-sample activity gradients by autograd, projection by least squares
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in model]
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    for h in hooks:
+        h.remove()
+    activity_grads = torch.cat([g.reshape(6, -1) for g in torch.autograd.grad(losses.sum(), outputs, retain_graph=True)], 1)
+    coeffs = torch.linalg.lstsq(tangents.T, activity_grads.T).solution  # (k, B)
+    projected = (tangents.T @ coeffs).T / 6  # (B, 8), the mean loss
+    splits = projected.split([3, 3, 2], dim=1)
+    expected = []
+    for block, h, g in zip(model, outputs, splits):
+        expected += torch.autograd.grad(h, list(block.parameters()), g, retain_graph=True)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("model_name", ["fc", "vit"])
+def test_activity_engines_agree_on_networks(model_name):
+    torch.manual_seed(1)
+    model = make_model(model_name, (1, 8, 8), 10, width=16).double()
+    x, y = torch.randn(5, 1, 8, 8, dtype=F64), torch.randint(0, 10, (5,))
+    grads = {}
+    for engine in ("sim", "jvp", "loop"):
+        fg = frog.ForwardGradient(4, "project", engine=engine, seed=11, perturbation="activity")
+        grads[engine] = estimated_grads(model, fg, per_sample_ce(x, y))[1]
+    for engine in ("jvp", "loop"):
+        for a, b in zip(grads[engine], grads["sim"]):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ["jvp", "loop", "sim", "fd"])
+def test_activity_batchnorm_statistics_updated_once(engine):
+    torch.manual_seed(2)
+    model = make_model("conv", (1, 8, 8), 10)
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        reference(x)
+    frog.ForwardGradient(4, engine=engine, perturbation="activity").fill_grad(model, per_sample_ce(x, y))
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_activity_needs_per_sample_losses_and_blocks():
+    model = tiny_mlp()
+    x, y = torch.randn(4, 5, dtype=F64), torch.tensor([0, 1, 1, 0])
+    fg = frog.ForwardGradient(2, perturbation="activity")
+    with pytest.raises(ValueError, match="per-sample losses"):
+        fg.fill_grad(model, lambda m: nn.functional.cross_entropy(m(x), y))
+    plain = nn.Linear(5, 2)
+    with pytest.raises(ValueError, match="blocks"):
+        fg.fill_grad(plain, lambda m: nn.functional.cross_entropy(m(x.float()), y, reduction="none"))
+    with pytest.raises(ValueError, match="outside every block"):
+        frog.ForwardGradient(2, perturbation="activity", blocks=[model[0]]).fill_grad(model, per_sample_ce(x, y))
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        frog.ForwardGradient(2, perturbation="neurons")
+
+
+def test_frog_trains_fc_on_digits_above_chance(tmp_path):
+    config = TrainConfig(model="fc", width=256, dataset="digits", gradient="frog", tangents=16, lr=0.3,
+                         batch_size=16, epochs=1)
+    rows = train(config, tmp_path, progress=False, log=lambda s: None)
+    assert len(rows) == 1
+    assert float(rows[0]["test_accuracy"]) > 0.3  # chance is 0.1
+    assert float(rows[0]["val_accuracy"]) > 0.3
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = TrainConfig(model="fc", width=32, dataset="digits", gradient="fg-mean", tangents=4, lr=0.05,
+                         batch_size=32, epochs=3)
+    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
+    first = TrainConfig(**{**config.__dict__, "epochs": 3})
+    # interrupt after epoch 1: train 1 epoch, then resume the same settings
+    train(TrainConfig(**{**first.__dict__, "epochs": 1}), tmp_path / "b", progress=False, log=lambda s: None)
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    saved["config"]["epochs"] = 3  # the interrupted run was asked for 3 epochs
+    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
+    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed) == drop(straight)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, epochs=1)
+    train(config, tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="settings differ"):
+        train(TrainConfig(**{**config.__dict__, "width": 32}), tmp_path, resume=True, progress=False,
+              log=lambda s: None)
+
+
+def test_weight_perturbation_and_early_stopping(tmp_path):
+    # a step size this small makes no progress: validation stalls and patience 1 stops early
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=2,
+                         perturbation="weight", lr=1e-12, epochs=5, patience=1)
+    rows = train(config, tmp_path, progress=False, log=lambda s: None)
+    assert len(rows) < 5
+    stored = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert stored["perturbation"] == "weight" and stored["batch_size"] == 64
+
+
+def test_training_is_deterministic(tmp_path):
+    config = TrainConfig(model="conv", dataset="digits", gradient="frog", tangents=4, lr=0.05, epochs=1)
+    a = train(config, tmp_path / "a", progress=False, log=lambda s: None)
+    b = train(config, tmp_path / "b", progress=False, log=lambda s: None)
+    assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "mnist"], "--data-dir"),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "/nonexistent"),
+        (["--model", "conv"], "--lr"),
+        (["--model", "mlp"], "unknown model"),
+        (["--gradient", "adam"], "unknown method"),
+        (["--engine", "magic"], "unknown engine"),
+        (["-k", "0"], ">= 1"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"], "cuda" if not torch.cuda.is_available() else ">= 1"),
+    ],
+)
+def test_train_cli_bad_input(tmp_path, capsys, args, message):
+    assert main(["train", *args, "--epochs", "1", "--out", str(tmp_path)] if "--epochs" not in args
+                else ["train", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("frog: error:") and message in err and "\n" not in err
