@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from frog.experiments.networks import NetworkRuns
 from frog.experiments.reproduce import Settings, reproduce
 
 TINY = Settings(
@@ -9,6 +10,7 @@ TINY = Settings(
     approx_dims=[64], approx_samples=60, angle_samples=60,
     opt_dims=[4, 16], opt_tangents=[1, 16], opt_seeds=[0], angle_seeds=[0],
     steps={"sphere": 40, "rosenbrock": 40, "styblinski-tang": 40},
+    networks=(NetworkRuns(["digits"], [256], [("bp", None), ("frog", 4)], [0], epochs=1),),
 )
 
 
@@ -23,9 +25,12 @@ def test_reproduce_writes_report_figures_and_tables(tmp_path):
         assert (tmp_path / table).exists()
     assert "Tiny settings" in text
     claims = [line for line in text.splitlines() if line.startswith("| ") and (" yes |" in line or " **no** |" in line)]
-    assert len(claims) == 5
+    assert len(claims) == 6  # five analysis claims and the gap to backprop on networks
     # frog is exact at k = n and beats the conical combinations: true for any number of samples
     assert any("exact at k = n" in line and " yes |" in line for line in claims)
     assert any("nearly parallel" in line and " yes |" in line for line in claims)
+    assert "| digits | 256 | frog | 4 | 0 | 1 |" in text
+    assert (tmp_path / "networks" / "summary.csv").exists()
+    assert (tmp_path / "networks" / "digits_w256_frog_k4_s0" / "metrics.csv").exists()
     # the optimization table has one row per (function, n)
     assert sum(line.startswith(("| sphere |", "| rosenbrock |", "| styblinski-tang |")) for line in text.splitlines()) == 6

@@ -93,15 +93,20 @@ def _optimize(args: argparse.Namespace) -> None:
 def _add_reproduce(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("reproduce", help="run Fig. 3, 4 and 5 of the paper and write REPORT.md")
     p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores instead of hours")
-    p.add_argument("--engine", default="jvp", choices=list(ENGINES))
+    p.add_argument("--engine", default="jvp", choices=list(ENGINES), help="engine of the closed-form experiments")
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset of the full variant's network experiment")
+    p.add_argument("--data-dir", default=None, help="folder with that dataset's files")
     p.add_argument("--out", default="runs/reproduce")
     p.set_defaults(handler=_reproduce)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .experiments.reproduce import FULL, QUICK, reproduce
 
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else replace(FULL, networks=tuple(
+        replace(runs, datasets=[args.dataset], data_dir=args.data_dir) for runs in FULL.networks))
     print(settings.note, flush=True)
     report = reproduce(prepare_out_dir(args.out), settings, engine=args.engine)
     print(Path(report).read_text())

@@ -15,6 +15,7 @@ from ..functions import FUNCTIONS
 from ..plots import plot_approximation, plot_optimization
 from ..results import read_csv, write_csv
 from . import approximation, optimization
+from .networks import PAPER_APPROACHES, SUMMARY_COLUMNS, NetworkRuns, run_networks
 from .report import write_report
 
 ANGLES = [15.0, 30.0, 45.0, 60.0, 75.0, 90.0]
@@ -35,19 +36,26 @@ class Settings:
     opt_seeds: list[int]
     angle_seeds: list[int]
     steps: dict[str, int | None] = field(default_factory=dict)
+    networks: tuple[NetworkRuns, ...] = ()
 
 
+QUICK_APPROACHES = [("bp", None), ("fg-mean", 16), ("frog", 16)]
 FULL = Settings(
     name="full", note="The paper's settings (SPEC 2.1-2.3).",
     approx_dims=POWERS_OF_TWO, approx_samples=1000, angle_samples=1000,
     opt_dims=POWERS_OF_TWO, opt_tangents=[1, 2, 4, 16], opt_seeds=[0, 1, 2, 3, 4], angle_seeds=[0, 1, 2, 3, 4],
+    networks=(NetworkRuns(["fashion-mnist"], [256, 1024, 4096], PAPER_APPROACHES, [0, 1, 2], epochs=200),),
 )
 QUICK = Settings(
     name="quick",
     note="Quick variant: approximation at n = 64 only, angle approximation with 300 samples; optimization "
-         "for n in {4, 16, 64}, k in {1, 16}, seeds {0, 1}, angle optimization seed 0, Rosenbrock cut to 2500 steps.",
+         "for n in {4, 16, 64}, k in {1, 16}, seeds {0, 1}, angle optimization seed 0, Rosenbrock cut to 2500 steps; "
+         "networks: FC-256 on digits for 20 epochs and on Fashion-MNIST for 2 epochs, bp, fg-mean k = 16 and "
+         "frog k = 16, seed 0, sim engine (the paper's simulation: the same gradients as forward mode).",
     approx_dims=[64], approx_samples=1000, angle_samples=300,
     opt_dims=[4, 16, 64], opt_tangents=[1, 16], opt_seeds=[0, 1], angle_seeds=[0], steps={"rosenbrock": 2500},
+    networks=(NetworkRuns(["digits"], [256], QUICK_APPROACHES, [0], epochs=20),
+              NetworkRuns(["fashion-mnist"], [256], QUICK_APPROACHES, [0], epochs=2)),
 )
 
 
@@ -99,5 +107,15 @@ def reproduce(out: Path, settings: Settings = FULL, engine: str = "jvp") -> Path
     angle_summary: list[dict] = []
     seconds["angle_optimization"] = _timed(lambda: angle_summary.extend(optimize(angle_opt_dir, angle_runs)))
 
-    return write_report(out, settings.name, settings.note, approx_rows, angle_rows, opt_summary, angle_summary, seconds)
+    network_rows: list[dict] = []
+
+    def networks() -> None:
+        for runs in settings.networks:
+            network_rows.extend(run_networks(runs, out / "networks"))
+        write_csv(out / "networks" / "summary.csv", SUMMARY_COLUMNS, network_rows)
+
+    if settings.networks:
+        seconds["networks"] = _timed(networks)
+    return write_report(out, settings.name, settings.note, approx_rows, angle_rows, opt_summary, angle_summary,
+                        network_rows, seconds)
 
