@@ -27,6 +27,11 @@ import numpy as np
 import torch
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+
+
+class MissingData(ValueError):
+    """The dataset's folder or files are not there (as opposed to files that are there but broken)."""
+
 DEFAULT_DIRS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 
 # Normalization constants of the authors' code (per channel; mean and std of [0, 1]-scaled pixels).
@@ -256,7 +261,7 @@ def _data_folder(name: str, data_dir: str | Path | None) -> Path:
     if data_dir is None:
         default = DEFAULT_DIRS.get(name)
         if default is None:
-            raise ValueError(
+            raise MissingData(
                 f"{_LABELS[name]} has no default data folder; pass --data-dir (data_dir=) pointing at "
                 f"the folder with {_expected_text(name)}"
             )
@@ -291,7 +296,7 @@ def _locate(name: str, folder: Path) -> list[Path]:
     label, expected = _LABELS[name], _expected_text(name)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(f"no {label} data: {folder} {what}; expected {expected} there; pass --data-dir")
+        raise MissingData(f"no {label} data: {folder} {what}; expected {expected} there; pass --data-dir")
     stems = (*_CIFAR_TRAIN, _CIFAR_TEST) if name == "cifar10" else _IDX_FILES
     searched: list[Path] = []
     best: tuple[Path, list[str]] | None = None
@@ -309,7 +314,7 @@ def _locate(name: str, folder: Path) -> list[Path]:
     cand, missing = best
     where = " or ".join(str(c) for c in searched)
     missing_in = "" if cand == folder else f" in {cand}"
-    raise ValueError(
+    raise MissingData(
         f"no {label} data in {where}: expected {expected}; missing{missing_in}: {', '.join(missing)}; "
         "pass --data-dir"
     )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import MissingData
 from ..functions import FUNCTIONS
 from ..plots import plot_approximation, plot_optimization
 from ..results import read_csv, write_csv
@@ -74,7 +75,7 @@ def reproduce(out: Path, settings: Settings = FULL, engine: str = "jvp") -> Path
 
     approx_dir, angle_dir = out / "approximation", out / "angles"
     opt_dir, angle_opt_dir = out / "optimization", out / "angle_optimization"
-    for folder in (approx_dir, angle_dir, opt_dir, angle_opt_dir):
+    for folder in (approx_dir, angle_dir, opt_dir, angle_opt_dir, out / "networks"):
         folder.mkdir(parents=True, exist_ok=True)
 
     approx_rows: list[dict] = []
@@ -109,13 +110,20 @@ def reproduce(out: Path, settings: Settings = FULL, engine: str = "jvp") -> Path
 
     network_rows: list[dict] = []
 
+    skipped: list[str] = []
+
     def networks() -> None:
         for runs in settings.networks:
-            network_rows.extend(run_networks(runs, out / "networks"))
+            try:
+                network_rows.extend(run_networks(runs, out / "networks"))
+            except MissingData as error:
+                skipped.append(f"Skipped the network runs on {', '.join(runs.datasets)}: {error}")
+                print(skipped[-1])
         write_csv(out / "networks" / "summary.csv", SUMMARY_COLUMNS, network_rows)
 
     if settings.networks:
         seconds["networks"] = _timed(networks)
-    return write_report(out, settings.name, settings.note, approx_rows, angle_rows, opt_summary, angle_summary,
+    note = " ".join([settings.note, *skipped])
+    return write_report(out, settings.name, note, approx_rows, angle_rows, opt_summary, angle_summary,
                         network_rows, seconds)
 
