@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .distributed import DistributedError
 from .engines import ENGINES
 from .functions import FUNCTIONS
 from .methods import METHOD_NAMES
@@ -133,6 +134,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--distributed", default=None, choices=["tangent", "data"],
+                   help="under torchrun: split the tangents (tangent) or the batch (data) over the ranks")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds before the ranks give up on a rank that died or hangs")
     p.add_argument("--out", default="runs/train", help="folder for metrics.csv, config.json, checkpoint.pt")
     p.set_defaults(handler=_train)
 
@@ -147,8 +152,20 @@ def _train(args: argparse.Namespace) -> None:
         tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
     )
-    rows = train(config, prepare_out_dir(args.out), resume=args.resume, log=tqdm.write)
-    if rows:
+    communicator = None
+    if args.distributed:
+        from .distributed import Communicator, init_from_environment
+
+        init_from_environment(args.device, args.dist_timeout)
+        communicator = Communicator(args.distributed)
+    try:
+        rows = train(config, prepare_out_dir(args.out), resume=args.resume, log=tqdm.write, communicator=communicator)
+    finally:
+        if communicator is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rows and (communicator is None or communicator.rank == 0):
         last = rows[-1]
         print(f"epoch {last['epoch']}: test accuracy {float(last['test_accuracy']):.4f}; wrote {args.out}/metrics.csv")
 
@@ -168,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, DistributedError) as error:
         print(f"frog: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

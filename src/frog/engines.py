@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -80,11 +80,12 @@ class Engine(ABC):
 
     @abstractmethod
     def __call__(
-        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (value, jvps) of ``fn`` at ``primals`` along the plan's raw tangents.
+        """Returns (value, jvps) of ``fn`` at ``primals`` along the plan's raw tangents ``rows``
+        (default all k; a distributed rank computes its share).
 
-        value: fn's output, () or (B,); jvps: (k, *value.shape). Primals with a leading batch
+        value: fn's output, () or (B,); jvps: (len(rows), *value.shape). Primals with a leading batch
         dimension beyond their block's shape share one tangent across the batch (:func:`shaped_like`).
         """
 
@@ -95,9 +96,9 @@ class JvpEngine(Engine):
     name = "jvp"
     keeps_all_tangents = True
 
-    def __call__(self, fn, primals, plan):
+    def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)
-        tangents = [shaped_like(plan.block(b), primals[name]) for b, name in enumerate(names)]
+        tangents = [shaped_like(plan.block(b, rows), primals[name]) for b, name in enumerate(names)]
 
         def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(fn, (primals,), (dict(zip(names, blocks)),))
@@ -111,11 +112,11 @@ class LoopEngine(Engine):
 
     name = "loop"
 
-    def __call__(self, fn, primals, plan):
+    def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)
         replay = RngReplay(_device(primals))
         jvps = []
-        for i in range(plan.num_tangents):
+        for i in range(plan.num_tangents) if rows is None else rows:
             replay.reset()
             value, derivative = jvp(fn, (primals,), (_rows(plan, names, i, primals),))
             jvps.append(derivative)
@@ -133,7 +134,7 @@ class SimEngine(Engine):
     name = "sim"
     single_pass = True
 
-    def __call__(self, fn, primals, plan):
+    def __call__(self, fn, primals, plan, rows=None):
         leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
         with torch.enable_grad():
             value = fn(leaves)
@@ -141,12 +142,12 @@ class SimEngine(Engine):
                 grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
             else:  # fn does not depend on the primals
                 grads = (None,) * len(leaves)
-        k = plan.num_tangents
+        k = plan.num_tangents if rows is None else len(rows)
         jvps = torch.zeros(k, *value.shape, dtype=value.dtype, device=value.device)
         for b, grad in enumerate(grads):
             if grad is not None:
                 per_sample = grad.reshape(value.numel(), -1).T  # (m, 1) or, for B outputs, (m, B)
-                jvps += (plan.block(b).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
+                jvps += (plan.block(b, rows).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
         return value.detach(), jvps
 
 
@@ -163,13 +164,13 @@ class FiniteDifferenceEngine(Engine):
             raise ValueError(f"fd_step must be > 0, got {step}")
         self.step = float(step)
 
-    def __call__(self, fn, primals, plan):
+    def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)
         replay = RngReplay(_device(primals))
         with torch.no_grad():
             value = fn(primals)
             jvps = []
-            for i in range(plan.num_tangents):
+            for i in range(plan.num_tangents) if rows is None else rows:
                 raw = [plan.block(b, [i]) for b in range(len(names))]
                 norm = torch.sqrt(sum(r.double().square().sum() for r in raw))
                 row = {name: shaped_like(r, primals[name])[0] for name, r in zip(names, raw)}

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
 from .engines import Function, check_scalar, explained_forward_mode_errors, make_engine
+from .distributed import Communicator
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
 
@@ -80,6 +81,7 @@ class ForwardGradient:
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
         blocks: the blocks for activity perturbation (default: the children of an nn.Sequential).
+        communicator: a :class:`frog.distributed.Communicator` to share the work between ranks.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class ForwardGradient:
         rtol: float | None = None,
         perturbation: str = "weight",
         blocks: Sequence[nn.Module] | None = None,
+        communicator: Communicator | None = None,
     ) -> None:
         if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
             raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
@@ -117,6 +120,7 @@ class ForwardGradient:
         self.rtol = rtol
         self.perturbation = perturbation
         self.blocks = blocks
+        self.communicator = communicator
         self.step = 0
 
     def __repr__(self) -> str:
@@ -170,8 +174,11 @@ class ForwardGradient:
         value is fn's output, () or (B,); coefficients are (k,) or (k, B). Checks that the loss and
         the jvps are finite, then advances the call counter (the next call draws new tangents).
         """
+        comm = self.communicator
         with explained_forward_mode_errors(self.engine.name):
-            value, jvps = self.engine(fn, primals, plan)
+            value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None)
+        if comm is not None:
+            jvps = comm.combine_jvps(jvps, self.num_tangents)
         if not (torch.isfinite(value).all() and torch.isfinite(jvps).all()):
             what = "loss" if not torch.isfinite(value).all() else "jvps"
             raise NonFiniteError(
@@ -232,6 +239,9 @@ class ForwardGradient:
             value, estimates = self._activity_estimates(model, loss_fn, params)
         else:
             value, estimates = self._weight_estimates(model, loss_fn, params)
+        comm = self.communicator
+        if comm is not None and comm.mode == "data" and self.perturbation == "activity":
+            estimates = {name: comm.all_reduce_mean(g) for name, g in estimates.items()}
         for name, p in params.items():
             if accumulate and p.grad is not None:
                 p.grad.add_(estimates[name])

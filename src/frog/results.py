@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -12,7 +13,7 @@ def prepare_out_dir(path: str | Path) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".frog-write-test"
+        probe = out / f".frog-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .distributed import Communicator
 from .data import DATASETS, Dataset, Split, batches, load_dataset
 from .engines import ENGINES
 from .errors import NonFiniteError
@@ -30,7 +31,7 @@ from .results import CsvLog, read_csv, write_csv
 from .tangents import derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-           "seconds", "lr", "steps", "diverged"]
+           "seconds", "lr", "steps", "diverged", "comm_bytes_per_step"]
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,10 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.devi
     return total_loss / len(split), correct / len(split)
 
 
-def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y) -> tuple[float, int]:
-    """One SGD step; returns the batch's summed loss and number of correct predictions."""
+def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y, comm: Communicator | None = None):
+    """One SGD step; returns the batch's summed loss and number of correct predictions.
+
+    In distributed data mode (x, y) is this rank's shard; backprop then all-reduces its gradients."""
     if estimator is None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
@@ -109,6 +112,10 @@ def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y) -> tu
             raise NonFiniteError(f"the loss became {loss.item()}; use a smaller learning rate")
         loss.backward()
         loss = loss.detach()
+        if comm is not None:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad = comm.all_reduce_mean(p.grad)
     else:
         captured: list[torch.Tensor] = []
 
@@ -133,10 +140,21 @@ def train(
     progress: bool = True,
     log=print,
     data: Dataset | None = None,
+    communicator: Communicator | None = None,
 ) -> list[dict[str, str]]:
     """Train as configured, writing ``config.json``, ``metrics.csv`` and ``checkpoint.pt`` into
-    ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset."""
+    ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset.
+
+    With a ``communicator`` (:mod:`frog.distributed`) every rank runs this function; the batch size
+    stays the global batch, so the numbers do not depend on the number of ranks, and only rank 0
+    writes files."""
+    comm = communicator
+    main_rank = comm is None or comm.rank == 0
+    if not main_rank:
+        log = _silent
     config.check()
+    if comm is not None and comm.mode == "tangent" and config.gradient == "bp":
+        raise ValueError("--distributed tangent splits the tangents: use a forward-gradient method, or --distributed data")
     data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
     config, lr_note = resolve(config)
     log(f"learning rate {config.lr:g} ({lr_note}), batch size {config.batch_size}")
@@ -149,8 +167,13 @@ def train(
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
-                              perturbation=config.perturbation)
+                              perturbation=config.perturbation, communicator=comm)
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
+    if comm is not None:
+        comm.check_same(**asdict(config), resume=resume, world=comm.world)
+        if comm.mode == "data" and config.perturbation == "activity" and estimator is not None:
+            log("distributed data mode with activity perturbation: the weight gradients depend on every "
+                "sample, so the ranks all-reduce gradients (n numbers a step), not k jvps")
 
     if resume and checkpoint_path.exists():
         saved = json.loads(config_path.read_text())["config"]
@@ -163,15 +186,20 @@ def train(
         if estimator is not None:
             estimator.load_state_dict(checkpoint["estimator"])
         state = checkpoint["state"]
-        _, rows = read_csv(metrics_path)
-        write_csv(metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= state["epoch"]])
+        if main_rank:
+            _, rows = read_csv(metrics_path)
+            write_csv(metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= state["epoch"]])
         log(f"resumed after epoch {state['epoch']}")
     elif resume:
         log(f"no checkpoint in {out_dir}: starting from scratch")
-    if not (resume and checkpoint_path.exists()) and metrics_path.exists():
-        metrics_path.unlink()
-    config_path.write_text(json.dumps({"config": asdict(config), "lr_source": lr_note}, indent=2))
-    metrics = CsvLog(metrics_path, METRICS)
+    metrics = None
+    if main_rank:
+        if not (resume and checkpoint_path.exists()) and metrics_path.exists():
+            metrics_path.unlink()
+        config_path.write_text(json.dumps({"config": asdict(config), "lr_source": lr_note}, indent=2))
+        metrics = CsvLog(metrics_path, METRICS)
+    if comm is not None:
+        comm.barrier()
 
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
@@ -180,15 +208,26 @@ def train(
         total_loss, correct, seen, diverged = 0.0, 0, 0, False
         model.train()
         steps = batches(data.train, config.batch_size, shuffle=True, generator=generator, device=device)
+        sent_before, step_count = (comm.bytes_sent if comm else 0), 0
         for x, y in tqdm(steps, total=math.ceil(len(data.train) / config.batch_size), desc=f"epoch {epoch}",
-                         disable=not progress, leave=False):
+                         disable=not (progress and main_rank), leave=False):
+            if comm is not None and comm.mode == "data":
+                if len(y) < comm.world:
+                    continue  # too small to give every rank a sample (only ever a last partial batch)
+                shard = comm.shard(len(y))
+                comm.shard_weight = (shard.stop - shard.start) / len(y)
+                x, y = x[shard], y[shard]
             try:
-                loss, right = _train_step(model, optimizer, estimator, x, y)
+                loss, right = _train_step(model, optimizer, estimator, x, y, comm if comm and comm.mode == "data" else None)
             except NonFiniteError as error:
                 log(f"stopped: {error}")
                 diverged = True
                 break
-            total_loss, correct, seen = total_loss + loss, correct + right, seen + len(y)
+            total_loss, correct, seen, step_count = total_loss + loss, correct + right, seen + len(y), step_count + 1
+        bytes_per_step = (comm.bytes_sent - sent_before) / max(step_count, 1) if comm else None
+        if comm is not None and comm.mode == "data":  # the epoch's training totals over all shards
+            totals = comm.sum_over_ranks(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
+            total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
         val_loss, val_accuracy = evaluate(model, data.val, config.batch_size, device)
         test_loss, test_accuracy = evaluate(model, data.test, config.batch_size, device)
         if val_loss < state["best_val"]:
@@ -202,14 +241,22 @@ def train(
             "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
             "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
             "steps": estimator.step if estimator is not None else "", "diverged": diverged,
+            "comm_bytes_per_step": bytes_per_step,
         }
-        metrics.append(row)
-        _save(checkpoint_path, model, optimizer, estimator, state)
+        if main_rank:
+            metrics.append(row)
+            _save(checkpoint_path, model, optimizer, estimator, state)
         log(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_accuracy:.4f} | test acc {test_accuracy:.4f} | {row['seconds']:.1f} s")
     if state["done"] and not diverged and state["bad_epochs"] >= config.patience:
         log(f"early stop: no validation improvement for {config.patience} epochs")
+    if comm is not None:
+        comm.barrier()  # rank 0's files are complete before anyone returns
     return read_csv(metrics_path)[1]
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _plain(tensor: torch.Tensor) -> bool:
