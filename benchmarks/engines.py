@@ -96,10 +96,12 @@ def main() -> None:
 
         return step
 
+    params = [p.detach() for p in model.parameters()]
+    generator_only = frog.ForwardGradient(args.k, "project", seed=0)  # keeps its tangent buffers, as in a step
+
     def tangents_and_gram() -> None:
-        params = [p.detach() for p in model.parameters()]
-        plan = frog.ForwardGradient(args.k, "project", seed=0).plan([p.shape for p in params], params[0])
-        plan.gram()
+        plan = generator_only.plan([p.shape for p in params], params[0])
+        plan.gram()  # generates every block (into the reused buffers) and sums their Gram matrices
 
     times = {"backprop": median_time(backprop_step, args.repeats, device)}
     for engine in ("jvp", "loop", "sim"):

@@ -122,6 +122,7 @@ class ForwardGradient:
         self.blocks = blocks
         self.communicator = communicator
         self.step = 0
+        self._tangent_buffers: dict[int, torch.Tensor] = {}  # reused by the jvp engine, step to step
 
     def __repr__(self) -> str:
         return (
@@ -145,6 +146,7 @@ class ForwardGradient:
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
             normalize=self.normalize, angle=self.angle,
             cache=self.engine.keeps_all_tangents, track_gram=self.aggregation == "project",
+            buffers=self._tangent_buffers if self.engine.keeps_all_tangents else None,
         )
 
     def coefficients(self, plan: TangentPlan, raw_jvps: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,10 @@ d_V = T d_W, G_V = T G T^T, and V^T c = W^T (T^T c).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -96,10 +98,14 @@ def raw_rows(
             if offset <= i < offset + flat.shape[1]:
                 flat[j, i - offset] = 1.0
         return flat.reshape(size[len(batch):]).expand(size).clone()
+    return fill_random(kind, torch.empty(size, device=device, dtype=dtype), generator)
+
+
+def fill_random(kind: str, out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``out`` in place with +-1 entries (``rademacher``) or N(0, 1) entries (other kinds)."""
     if kind == "rademacher":
-        bits = torch.empty(size, device=device, dtype=dtype).bernoulli_(0.5, generator=generator)
-        return bits.mul_(2).sub_(1)
-    return torch.randn(size, generator=generator, device=device, dtype=dtype)
+        return out.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    return out.normal_(generator=generator)
 
 
 def mixing(kind: str, normalize: bool, gram: torch.Tensor, angle: float | None = None) -> torch.Tensor | None:
@@ -183,6 +189,14 @@ def gram_of(flat: torch.Tensor) -> torch.Tensor:
     return wide @ wide.mT
 
 
+_PARALLEL_FILL_MIN = 1 << 20  # entries from which a block is worth filling on several threads
+
+
+@functools.cache
+def _fill_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="frog-tangents")
+
+
 class TangentPlan:
     """The tangents of one estimator step, generated block by block and never as one k x n matrix.
 
@@ -190,7 +204,9 @@ class TangentPlan:
     ``derive_seed(seed, step, i, b)``, so every block (and every row) can be regenerated alone, on
     any process. ``cache=True`` keeps generated blocks (for engines that hold all of them anyway);
     ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so that
-    :meth:`gram` regenerates only the blocks no engine has asked for.
+    :meth:`gram` regenerates only the blocks no engine has asked for. ``buffers`` (block index ->
+    tensor, owned by the caller) are reused for whole blocks from one step to the next: writing
+    into memory already mapped is much faster than into a fresh allocation.
 
     Args:
         kind, normalize, angle: the sampler (see :func:`sample_tangents`).
@@ -213,6 +229,7 @@ class TangentPlan:
         angle: float | None = None,
         cache: bool = False,
         track_gram: bool = False,
+        buffers: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.kind, self.normalize, self.angle = kind, normalize, angle
         self.num_tangents = num_tangents
@@ -226,6 +243,7 @@ class TangentPlan:
         self.seed, self.step = seed, step
         self.device, self.dtype = device, dtype
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self._buffers = buffers
         self._gram: torch.Tensor | None = None
         self.track_gram = track_gram or needs_gram(kind, normalize)
         self._block_grams: dict[int, torch.Tensor] = {}
@@ -233,28 +251,56 @@ class TangentPlan:
 
     def block(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Raw tangents of block ``index``: shape (len(rows), *shape); all k rows by default."""
+        if self._cache is not None and rows is not None:  # the whole block is wanted later anyway: make it once
+            rows = list(rows)
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+            whole = self.block(index)
+            return whole[rows[0]: rows[0] + len(rows)] if contiguous and rows else whole[rows]
         if rows is None and self._cache is not None and index in self._cache:
             return self._cache[index]
         wanted = range(self.num_tangents) if rows is None else rows
-        parts = []
-        for i in wanted:
-            generator = None
-            if self.kind != "basis":
-                generator = torch.Generator(device=self.device or "cpu")
-                generator.manual_seed(derive_seed(self.seed, self.step, i, index))
-            parts.append(
-                raw_rows(
-                    self.kind, [i], self.shapes[index], offset=self.offsets[index],
-                    generator=generator, device=self.device, dtype=self.dtype,
-                )
-            )
-        out = torch.cat(parts)
+        if self.kind == "basis":
+            out = raw_rows("basis", wanted, self.shapes[index], offset=self.offsets[index],
+                           device=self.device, dtype=self.dtype)
+        else:  # each row from its own counter-seeded generator, written in place
+            out = self._buffer(index) if rows is None else None
+            if out is None:
+                out = torch.empty(len(wanted), *self.shapes[index], device=self.device, dtype=self.dtype)
+            self._fill_rows(out, wanted, index)
         if rows is None:
             if self._cache is not None:
                 self._cache[index] = out
             if self.track_gram and self._gram is None:
                 self._block_grams[index] = gram_of(out.reshape(self.num_tangents, -1))
         return out
+
+    def _fill_rows(self, out: torch.Tensor, rows: Sequence[int], index: int) -> None:
+        """out[j] = raw row rows[j] of block ``index``. Rows are independent streams, so large CPU
+        blocks are filled by torch.get_num_threads() threads at once (same numbers either way)."""
+
+        def fill(j: int) -> None:
+            generator = torch.Generator(device=self.device or "cpu")
+            generator.manual_seed(derive_seed(self.seed, self.step, rows[j], index))
+            fill_random(self.kind, out[j], generator)
+
+        threads = torch.get_num_threads()
+        on_cpu = self.device is None or torch.device(self.device).type == "cpu"
+        if on_cpu and threads > 1 and len(rows) > 1 and out.numel() >= _PARALLEL_FILL_MIN:
+            list(_fill_pool(threads).map(fill, range(len(rows))))
+        else:
+            for j in range(len(rows)):
+                fill(j)
+
+    def _buffer(self, index: int) -> torch.Tensor | None:
+        """The caller's reusable buffer for the whole block ``index`` (made on first use), if any."""
+        if self._buffers is None:
+            return None
+        size = (self.num_tangents, *self.shapes[index])
+        kept = self._buffers.get(index)
+        if kept is None or kept.shape != size or kept.dtype != (self.dtype or torch.get_default_dtype()) \
+                or (self.device is not None and kept.device != torch.device(self.device)):
+            kept = self._buffers[index] = torch.empty(size, device=self.device, dtype=self.dtype)
+        return kept
 
     def _block_gram(self, index: int) -> torch.Tensor:
         if index not in self._block_grams:

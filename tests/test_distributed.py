@@ -1,0 +1,104 @@
+"""Two ranks on localhost (gloo) against one process: same parameters; mismatches and faults fail fast."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from frog.distributed import Communicator, DistributedError
+from frog.train import TrainConfig, train
+
+CONFIG = dict(model="fc", width=32, dataset="digits", tangents=4, lr=0.05, batch_size=96, epochs=1)
+SCENARIOS = {
+    "tangent": (dict(gradient="frog", perturbation="activity"), "tangent"),
+    "tangent-weight": (dict(gradient="fg-mean", perturbation="weight"), "tangent"),
+    "data-weight": (dict(gradient="frog", perturbation="weight"), "data"),
+    "data-activity": (dict(gradient="frog", perturbation="activity"), "data"),
+    "data-bp": (dict(gradient="bp"), "data"),
+}
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, task: str) -> None:
+    torch.set_num_threads(1)
+    result = {"ok": True}
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=4))
+        if task == "runs":
+            for name, (settings, mode) in SCENARIOS.items():
+                train(TrainConfig(**CONFIG, **settings), Path(out) / name, progress=False, log=lambda s: None,
+                      communicator=Communicator(mode))
+        elif task == "mismatch":
+            train(TrainConfig(**{**CONFIG, "seed": rank}, gradient="frog"), Path(out) / "mismatch", progress=False,
+                  log=lambda s: None, communicator=Communicator("tangent"))
+        elif task == "hang":
+            if rank == 1:
+                time.sleep(12)  # never joins the collective in time
+            else:
+                start = time.perf_counter()
+                try:
+                    Communicator("tangent").combine_jvps(torch.ones(2), 4)
+                finally:
+                    result["seconds"] = time.perf_counter() - start
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        result = {**result, "ok": False, "type": type(error).__name__, "message": str(error),
+                  "trace": traceback.format_exc()}
+    Path(out, f"result{rank}.json").write_text(json.dumps(result))
+
+
+def _run(tmp_path: Path, task: str) -> list[dict]:
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), task), nprocs=2,
+                       join=True, start_method="spawn")
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+
+
+def _parameters(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    results = _run(tmp_path, "runs")
+    assert all(r["ok"] for r in results), results
+    for name, (settings, mode) in SCENARIOS.items():
+        single = tmp_path / f"single-{name}"
+        train(TrainConfig(**CONFIG, **settings), single, progress=False, log=lambda s: None)
+        for key, value in _parameters(single).items():
+            torch.testing.assert_close(_parameters(tmp_path / name)[key], value, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name}: {key}")
+        header, *rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
+        bytes_per_step = float(rows[-1].split(",")[header.split(",").index("comm_bytes_per_step")])
+        if name in ("tangent-weight", "data-weight"):
+            assert 0 < bytes_per_step <= 8 * CONFIG["tangents"] * 2  # k numbers, not n
+        assert bytes_per_step > 0
+
+
+def test_ranks_with_different_seeds_are_detected(tmp_path):
+    results = _run(tmp_path, "mismatch")
+    for r in results:
+        assert not r["ok"] and r["type"] == "DistributedError"
+        assert "rank 1 has seed=1 but rank 0 has 0" in r["message"]
+
+
+def test_a_hanging_rank_fails_the_others_within_the_timeout(tmp_path):
+    results = _run(tmp_path, "hang")
+    assert results[0]["type"] == "DistributedError"
+    assert "another rank died, hung" in results[0]["message"]
+    assert results[0]["seconds"] < 10
+
+
+def test_communicator_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group exists")
+    with pytest.raises(ValueError, match="not initialized"):
+        Communicator("tangent")
+    with pytest.raises(ValueError, match="unknown distributed mode"):
+        Communicator("pipeline")
+    assert issubclass(DistributedError, RuntimeError)
