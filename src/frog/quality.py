@@ -58,7 +58,7 @@ def approximation_quality(tangents: torch.Tensor, grad: torch.Tensor, ks: Sequen
         raise ValueError(f"tangents hold {max_k} per sample, fewer than k = {max(ks)}")
     jvps = tangents @ grad  # (S, K)
     # sum: sum_i d_i v_i; with normalized tangents: sum_i (d_i / |v_i|) (v_i / |v_i|)
-    weights = torch.stack([jvps, jvps / tangents.square().sum(-1)], dim=1)  # (S, 2, K)
+    weights = torch.stack([jvps, jvps / torch.linalg.vector_norm(tangents, dim=-1).square()], dim=1)  # (S, 2, K)
     gram = gram_of(tangents[:, : min(max_k, n)])  # (S, m, m), nested: rows :k give k's Gram
     results = []
     frog_by_rank: dict[int, torch.Tensor] = {}  # k >= n all give the exact gradient: solve once

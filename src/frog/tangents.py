@@ -108,6 +108,35 @@ def fill_random(kind: str, out: torch.Tensor, generator: torch.Generator | None)
     return out.normal_(generator=generator)
 
 
+_PARALLEL_FILL_MIN = 1 << 20  # entries from which a tensor is worth filling on several threads
+
+
+@functools.cache
+def _fill_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="frog-tangents")
+
+
+def fill_streams(kind: str, out: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """out[j] <- random entries of ``kind`` from a generator seeded with seeds[j], for every j.
+
+    The streams are independent, so a large CPU tensor is filled by torch.get_num_threads()
+    threads at once; the numbers do not depend on the number of threads.
+    """
+
+    def fill(j: int) -> None:
+        generator = torch.Generator(device=out.device)
+        generator.manual_seed(int(seeds[j]))
+        fill_random(kind, out[j], generator)
+
+    threads = torch.get_num_threads()
+    if out.device.type == "cpu" and threads > 1 and len(seeds) > 1 and out.numel() >= _PARALLEL_FILL_MIN:
+        list(_fill_pool(threads).map(fill, range(len(seeds))))
+    else:
+        for j in range(len(seeds)):
+            fill(j)
+    return out
+
+
 def mixing(kind: str, normalize: bool, gram: torch.Tensor, angle: float | None = None) -> torch.Tensor | None:
     """The matrix T with tangents V = T W, from the raw Gram matrix G = W W^T (float64, (..., k, k)).
 
@@ -155,7 +184,8 @@ def sample_tangents(
 ) -> torch.Tensor:
     """Sample k tangents of a given shape, returned as a tensor (k, *shape).
 
-    With ``batch`` (e.g. a number of samples S), independent draws of shape (*batch, k, *shape).
+    With ``batch`` (e.g. a number of samples S), independent draws of shape (*batch, k, *shape);
+    each draw comes from its own stream seeded from ``generator``.
 
     Example: ``sample_tangents(4, 64, generator=torch.Generator().manual_seed(0))`` is (4, 64)
     with i.i.d. N(0, 1) entries. ``kind`` is one of ``normal``, ``rademacher``, ``basis`` (the
@@ -168,7 +198,13 @@ def sample_tangents(
     if generator is not None and device is None:
         device = generator.device
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
-    raw = raw_rows(kind, range(num_tangents), shape, batch=batch, generator=generator, device=device, dtype=dtype)
+    if batch and kind != "basis":  # one stream per draw, seeded from the generator: filled in parallel
+        raw = torch.empty(*batch, num_tangents, *shape, device=device, dtype=dtype)
+        draws = raw.reshape(-1, num_tangents, *shape)
+        seeds = torch.randint(0, 2**62, (draws.shape[0],), generator=generator, device=device).tolist()
+        fill_streams(kind, draws, seeds)
+    else:
+        raw = raw_rows(kind, range(num_tangents), shape, batch=batch, generator=generator, device=device, dtype=dtype)
     if not needs_gram(kind, normalize):
         return raw
     flat = raw.reshape(*batch, num_tangents, -1)
@@ -187,14 +223,6 @@ def gram_of(flat: torch.Tensor) -> torch.Tensor:
         return (flat @ flat.mT).to(torch.float64)
     wide = flat.to(torch.float64)
     return wide @ wide.mT
-
-
-_PARALLEL_FILL_MIN = 1 << 20  # entries from which a block is worth filling on several threads
-
-
-@functools.cache
-def _fill_pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="frog-tangents")
 
 
 class TangentPlan:
@@ -275,21 +303,8 @@ class TangentPlan:
         return out
 
     def _fill_rows(self, out: torch.Tensor, rows: Sequence[int], index: int) -> None:
-        """out[j] = raw row rows[j] of block ``index``. Rows are independent streams, so large CPU
-        blocks are filled by torch.get_num_threads() threads at once (same numbers either way)."""
-
-        def fill(j: int) -> None:
-            generator = torch.Generator(device=self.device or "cpu")
-            generator.manual_seed(derive_seed(self.seed, self.step, rows[j], index))
-            fill_random(self.kind, out[j], generator)
-
-        threads = torch.get_num_threads()
-        on_cpu = self.device is None or torch.device(self.device).type == "cpu"
-        if on_cpu and threads > 1 and len(rows) > 1 and out.numel() >= _PARALLEL_FILL_MIN:
-            list(_fill_pool(threads).map(fill, range(len(rows))))
-        else:
-            for j in range(len(rows)):
-                fill(j)
+        """out[j] = raw row rows[j] of block ``index``, each from its counter-seeded stream."""
+        fill_streams(self.kind, out, [derive_seed(self.seed, self.step, i, index) for i in rows])
 
     def _buffer(self, index: int) -> torch.Tensor | None:
         """The caller's reusable buffer for the whole block ``index`` (made on first use), if any."""
