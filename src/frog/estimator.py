@@ -278,7 +278,8 @@ class ForwardGradient:
                 return _per_sample(loss_fn(model))
 
         zeros = {f"block{b}": torch.zeros_like(h).detach() for b, h in enumerate(outputs)}
-        with _frozen_running_stats(model, freeze=True):
+        # no autograd graph on the parameters in the jvp passes (sim enables its own)
+        with _frozen_running_stats(model, freeze=True), torch.no_grad():
             _, coeffs = self.coefficients_of(losses_at, zeros, plan)
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
         output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]

@@ -1,0 +1,153 @@
+"""Peak memory of one training step (fill_grad + SGD step) per engine and for plain backprop.
+
+Settings (each engine and backprop measured in a fresh process of this script):
+
+- deep MLP: 32 Linear layers of width 1024 (input 1024, 10 classes), batch 256, k = 16,
+  weight perturbation and activity perturbation (one block = Linear + ReLU);
+- FC 784-1024-1024-10, batch 64, k = 64, weight perturbation.
+
+A measurement builds the model and the data, runs one forward pass and takes the resident set
+size (RSS) as the baseline, runs a warm-up step, then one measured step; it reports the peak
+over the baseline. On the CPU the peak is the kernel's high-water mark of the RSS (VmHWM, the
+number getrusage's ru_maxrss reports), reset through /proc/self/clear_refs before the measured
+step: ru_maxrss itself is useless in a child process, since Linux carries the parent's peak over
+exec. With --device cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+
+Next to each setting the theoretical tangent memory: k x (largest block), what sim, loop and fd
+should need, and k x n, what the jvp engine holds by design (vmap needs all tangents at once).
+
+    python benchmarks/memory.py [--k 16] [--fc-k 64] [--engines jvp loop sim fd] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+import frog
+
+MB = 2**20
+SETTINGS = {  # name: (layer widths, batch, perturbation, which k option)
+    "deep-mlp weight": ([1024] * 32 + [10], 256, "weight", "k"),
+    "deep-mlp activity": ([1024] * 32 + [10], 256, "activity", "k"),
+    "fc weight": ([784, 1024, 1024, 10], 64, "weight", "fc_k"),
+}
+
+
+def make_model(widths: list[int]) -> nn.Sequential:
+    """An nn.Sequential of blocks Linear + ReLU (the last block: Linear alone)."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in zip(widths[:-2], widths[1:-1])]
+    return nn.Sequential(*blocks, nn.Sequential(nn.Linear(widths[-2], widths[-1])))
+
+
+def block_sizes(widths: list[int], perturbation: str) -> list[int]:
+    """Entries of each tangent block: parameter tensors, or block outputs (shared by the batch)."""
+    if perturbation == "activity":
+        return widths[1:]
+    return [size for i, o in zip(widths, widths[1:]) for size in (i * o, o)]  # weight, bias
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def measure(setting: str, method: str, k: int, device: str) -> dict[str, float]:
+    """Runs in the child process: peak memory of one step over the baseline, in MB."""
+    widths, batch, perturbation, _ = SETTINGS[setting]
+    model = make_model(widths).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, widths[0], device=device)
+    y = torch.randint(0, widths[-1], (batch,), device=device)
+    reduction = "none" if perturbation == "activity" and method != "backprop" else "mean"
+
+    def loss_fn(m: nn.Module) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(x), y, reduction=reduction)
+
+    estimator = frog.ForwardGradient(k, "project", engine=method if method != "backprop" else "jvp",
+                                     seed=0, perturbation=perturbation)
+
+    def step() -> None:
+        if method == "backprop":
+            optimizer.zero_grad()
+            loss_fn(model).backward()
+        else:
+            estimator.fill_grad(model, loss_fn)
+        optimizer.step()
+
+    with torch.no_grad():
+        loss_fn(model)  # warm-up forward pass
+    if device == "cuda":
+        torch.cuda.synchronize()
+        baseline = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        baseline = rss_kib("VmRSS") * 1024
+        step()
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the RSS high-water mark to the current RSS
+        step()
+        peak = rss_kib("VmHWM") * 1024
+    return {"baseline_mb": baseline / MB, "peak_mb": (peak - baseline) / MB}
+
+
+def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", setting, method, str(k), "--device", device]
+    # A fixed mmap threshold makes glibc return every freed block of >= 128 KiB to the system at
+    # once, so the RSS follows the live tensors; with glibc's default (a threshold that grows up
+    # to 32 MiB) freed temporaries stay in the heap and the peak varies from run to run.
+    env = os.environ if default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=16, help="k of the deep MLP")
+    parser.add_argument("--fc-k", type=int, default=64, help="k of the FC net")
+    parser.add_argument("--engines", nargs="+", default=["jvp", "loop", "sim", "fd"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
+    parser.add_argument("--child", nargs=3, metavar=("SETTING", "METHOD", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        setting, method, k = args.child
+        print(json.dumps(measure(setting, method, int(k), args.device)))
+        return
+
+    results = {}
+    for setting in args.settings:
+        widths, batch, perturbation, k_option = SETTINGS[setting]
+        k = getattr(args, k_option)
+        sizes = block_sizes(widths, perturbation)
+        theory = {"k_x_largest_block_mb": k * max(sizes) * 4 / MB, "k_x_n_mb": k * sum(sizes) * 4 / MB}
+        gradient_mb = sum(block_sizes(widths, "weight")) * 4 / MB
+        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc)["peak_mb"]
+                 for method in ["backprop", *args.engines]}
+        print(f"\n{setting}: {len(widths) - 1} Linear layers of width {widths[1]}, batch {batch}, k = {k}, "
+              f"n = {sum(sizes):,} tangent entries, device {args.device}")
+        print(f"theory: k x (largest block) = {theory['k_x_largest_block_mb']:.1f} MB, "
+              f"k x n = {theory['k_x_n_mb']:.1f} MB; one gradient (all parameters) = {gradient_mb:.1f} MB")
+        print(f"{'method':<10}{'peak MB':>10}{'x backprop':>12}{'over backprop MB':>18}")
+        for method, peak in peaks.items():
+            print(f"{method:<10}{peak:>10.1f}{peak / peaks['backprop']:>12.2f}{peak - peaks['backprop']:>18.1f}")
+        results[setting] = {"k": k, **{n: round(v, 2) for n, v in theory.items()}, "gradient_mb": round(gradient_mb, 2),
+                            "peak_mb": {m: round(p, 1) for m, p in peaks.items()},
+                            "ratio_to_backprop": {m: round(p / peaks["backprop"], 2) for m, p in peaks.items()}}
+    print(json.dumps({"benchmark": "memory", "device": args.device, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
