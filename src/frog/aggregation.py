@@ -35,7 +35,7 @@ def combine(tangents: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(tangents, coefficients.to(tangents.dtype), dims=([0], [0]))
 
 
-def _solve_psd(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:
+def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:
     """A solution of G c = rhs for symmetric PSD G (..., k, k), rhs (..., k, m), in G's dtype.
 
     Cholesky when every pivot satisfies min diag(L)^2 > rtol * max diag(G) (diag(L)_i^2 bounds
@@ -88,7 +88,7 @@ def coefficients(
         raise ValueError(f"project needs a Gram matrix of shape ({k}, {k}) for {k} jvps, got {got}")
     rtol = default_rtol(k) if rtol is None else rtol
     rhs = jvps.to(torch.float64).reshape(k, -1)
-    solution = _solve_psd(gram.to(torch.float64), rhs, rtol)
+    solution = solve_gram(gram.to(torch.float64), rhs, rtol)
     return solution.reshape(jvps.shape).to(jvps.dtype)
 
 
@@ -107,7 +107,7 @@ def project(tangents: torch.Tensor, jvps: torch.Tensor, *, rtol: float | None = 
         )
     k = tangents.shape[-2]
     rtol = default_rtol(k) if rtol is None else rtol
-    solution = _solve_psd(gram_of(tangents), jvps.to(torch.float64).unsqueeze(-1), rtol)
+    solution = solve_gram(gram_of(tangents), jvps.to(torch.float64).unsqueeze(-1), rtol)
     return (tangents.mT @ solution.to(tangents.dtype)).squeeze(-1)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .aggregation import _solve_psd, default_rtol
+from .aggregation import default_rtol, solve_gram
 from .tangents import gram_of
 
 
@@ -69,7 +69,7 @@ def approximation_quality(tangents: torch.Tensor, grad: torch.Tensor, ks: Sequen
         done = k
         m = min(k, n)
         if m not in frog_by_rank:
-            coeffs = _solve_psd(gram[:, :m, :m], jvps[:, :m].double().unsqueeze(-1), default_rtol(m))
+            coeffs = solve_gram(gram[:, :m, :m], jvps[:, :m].double().unsqueeze(-1), default_rtol(m))
             frog_by_rank[m] = (tangents[:, :m].mT @ coeffs.to(tangents.dtype)).squeeze(-1)
         estimates = {("frog", False): frog_by_rank[m]}
         if k == 1:
