@@ -45,12 +45,20 @@ def blocks_of(model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> li
 
 
 @contextmanager
-def local_graphs(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """Record each block's output h_b (B, *features) with a graph that stops at the block input."""
+def local_graphs(
+    blocks: Sequence[nn.Module], inputs_require_grad: bool = False
+) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record each block's input and output h_b (B, *features), with a graph that stops at the
+    block input; with ``inputs_require_grad`` the detached inputs are leaves that take gradients."""
+    inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
 
     def detach_inputs(module: nn.Module, args: tuple) -> tuple:
-        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError("each block must take one tensor input (the previous block's output)")
+        first = args[0].detach().requires_grad_(inputs_require_grad and args[0].is_floating_point())
+        inputs.append(first)
+        return (first, *args[1:])
 
     def record(index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -61,7 +69,7 @@ def local_graphs(blocks: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
     handles = [h for i, block in enumerate(blocks)
                for h in (block.register_forward_pre_hook(detach_inputs), block.register_forward_hook(record(i)))]
     try:
-        yield outputs
+        yield inputs, outputs
     finally:
         for handle in handles:
             handle.remove()

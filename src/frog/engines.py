@@ -142,13 +142,21 @@ class SimEngine(Engine):
                 grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
             else:  # fn does not depend on the primals
                 grads = (None,) * len(leaves)
-        k = plan.num_tangents if rows is None else len(rows)
-        jvps = torch.zeros(k, *value.shape, dtype=value.dtype, device=value.device)
-        for b, grad in enumerate(grads):
-            if grad is not None:
-                per_sample = grad.reshape(value.numel(), -1).T  # (m, 1) or, for B outputs, (m, B)
-                jvps += (plan.block(b, rows).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
-        return value.detach(), jvps
+        return value.detach(), jvps_from_gradients(plan, grads, value, rows)
+
+
+def jvps_from_gradients(
+    plan: TangentPlan, grads: Sequence[torch.Tensor | None], value: torch.Tensor, rows: Sequence[int] | None = None
+) -> torch.Tensor:
+    """d = W g summed over blocks: grads[b] is block b's gradient, shaped like the block or
+    (B, *block) for B per-sample outputs ``value``; returns (len(rows), *value.shape)."""
+    k = plan.num_tangents if rows is None else len(rows)
+    jvps = torch.zeros(k, *value.shape, dtype=value.dtype, device=value.device)
+    for b, grad in enumerate(grads):
+        if grad is not None:
+            per_sample = grad.reshape(value.numel(), -1).T  # (m, 1) or, for B outputs, (m, B)
+            jvps += (plan.block(b, rows).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
+    return jvps
 
 
 class FiniteDifferenceEngine(Engine):

@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
-from .engines import Function, check_scalar, explained_forward_mode_errors, make_engine
+from .engines import Function, check_scalar, explained_forward_mode_errors, jvps_from_gradients, make_engine
 from .distributed import Communicator
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
@@ -179,6 +179,11 @@ class ForwardGradient:
         comm = self.communicator
         with explained_forward_mode_errors(self.engine.name):
             value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None)
+        return value, self._aggregate(plan, value, jvps)
+
+    def _aggregate(self, plan: TangentPlan, value: torch.Tensor, jvps: torch.Tensor) -> torch.Tensor:
+        """Gather the ranks' jvps, check them, return the coefficients and advance the counter."""
+        comm = self.communicator
         if comm is not None:
             jvps = comm.combine_jvps(jvps, self.num_tangents)
         if not (torch.isfinite(value).all() and torch.isfinite(jvps).all()):
@@ -189,7 +194,7 @@ class ForwardGradient:
             )
         coeffs = self.coefficients(plan, jvps)
         self.step += 1
-        return value, coeffs
+        return coeffs
 
     def estimate(self, fn: Function, primals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Value of scalar ``fn`` and the forward-gradient estimate for each named primal (same shapes)."""
@@ -269,24 +274,45 @@ class ForwardGradient:
         output (shared by the batch), per-sample coefficients, then each block's weight gradient by
         a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]."""
         blocks = blocks_of(model, self.blocks)
-        with local_graphs(blocks) as outputs:  # the one plain pass: running statistics update here
-            losses = _per_sample(loss_fn(model))
+        # sim on a plain chain of blocks: the true activity gradients come from the same pass, by
+        # chaining the block-local backward products from the loss to the first block (backprop)
+        chained_sim = self.engine.single_pass and self.blocks is None
+        with local_graphs(blocks, inputs_require_grad=chained_sim) as (inputs, outputs):
+            losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
         plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
+        comm = self.communicator
+        if chained_sim:
+            activity_grads = _chained_gradients(losses, inputs, outputs)
+            rows = comm.rows(self.num_tangents) if comm else None
+            coeffs = self._aggregate(plan, losses, jvps_from_gradients(plan, activity_grads, losses.detach(), rows))
+        else:
+            def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
+                with perturbed(blocks, list(perturbations.values())):
+                    return _per_sample(loss_fn(model))
 
-        def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
-            with perturbed(blocks, list(perturbations.values())):
-                return _per_sample(loss_fn(model))
-
-        zeros = {f"block{b}": torch.zeros_like(h).detach() for b, h in enumerate(outputs)}
-        # no autograd graph on the parameters in the jvp passes (sim enables its own)
-        with _frozen_running_stats(model, freeze=True), torch.no_grad():
-            _, coeffs = self.coefficients_of(losses_at, zeros, plan)
+            zeros = {f"block{b}": torch.zeros_like(h).detach() for b, h in enumerate(outputs)}
+            # no autograd graph on the parameters in the jvp passes (sim enables its own)
+            with _frozen_running_stats(model, freeze=True), torch.no_grad():
+                _, coeffs = self.coefficients_of(losses_at, zeros, plan)
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
         output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
         names = list(params)
-        grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
+        grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True,
+                                    retain_graph=chained_sim)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
         return losses.detach().mean(), estimates
+
+
+def _chained_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum of losses)/dh_b for each block output h_b (B, ...), by chaining block-local products
+    backwards: g_last from the loss, then g_{b-1} = (dh_b/dh_{b-1})^T g_b through block b alone."""
+    grads = [torch.empty(0)] * len(outputs)
+    (grad,) = torch.autograd.grad(losses.sum(), outputs[-1], retain_graph=True)
+    for b in range(len(outputs) - 1, -1, -1):
+        grads[b] = grad
+        if b > 0:
+            (grad,) = torch.autograd.grad(outputs[b], inputs[b], grad, retain_graph=True)
+    return grads
 
 
 def _per_sample(losses: torch.Tensor) -> torch.Tensor:
