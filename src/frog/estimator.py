@@ -297,8 +297,7 @@ class ForwardGradient:
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
         output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
         names = list(params)
-        grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True,
-                                    retain_graph=chained_sim)
+        grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
         return losses.detach().mean(), estimates
 
