@@ -1,10 +1,13 @@
 """Time one training step (fill_grad + SGD step) per engine, side by side in one run.
 
-Model: MLP 784-1024-1024-10 (ReLU), batch 64, weight perturbation, k tangents (default 16).
-Prints each engine's median step time, the ratios jvp/loop and jvp/backprop, the achieved GFLOP/s
-of the jvp engine against a plain matmul measured in the same run, and a final JSON line.
+Model: MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; for each k and each
+perturbation (weight, activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
+step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
+plain matmul measured in the same run, the share of tangent generation + Gram in a weight jvp step,
+and a final JSON line.
 
-    python benchmarks/engines.py [--k 16] [--repeats 5] [--threads N] [--device cpu|cuda]
+    python benchmarks/engines.py [--ks 1 4 16 64] [--perturbations weight activity]
+                                 [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 
 
 def make_model(device: str) -> nn.Module:
+    """The MLP as an nn.Sequential of blocks: Linear+ReLU, Linear+ReLU, Linear."""
     torch.manual_seed(0)
     blocks: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(LAYERS):
-        blocks.append(nn.Linear(fan_in, fan_out))
-        if i < len(LAYERS) - 1:
-            blocks.append(nn.ReLU())
+        last = i == len(LAYERS) - 1
+        blocks.append(nn.Linear(fan_in, fan_out) if last else nn.Sequential(nn.Linear(fan_in, fan_out), nn.ReLU()))
     return nn.Sequential(*blocks).to(device)
 
 
@@ -49,10 +52,12 @@ def median_time(step, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def jvp_flops(batch: int, k: int) -> float:
-    """Primal once, plus per tangent and layer two matmuls (W_t x and W x_t), one for the first."""
+def jvp_flops(batch: int, k: int, perturbation: str) -> float:
+    """Primal once, plus per tangent and layer: weight perturbation two matmuls (W_t x and W x_t),
+    one for the first layer; activity perturbation one (W x_t), none for the first layer."""
     primal = sum(2 * batch * i * o for i, o in LAYERS)
-    per_tangent = sum((1 if layer == 0 else 2) * 2 * batch * i * o for layer, (i, o) in enumerate(LAYERS))
+    per_layer = (lambda layer: 1 if layer == 0 else 2) if perturbation == "weight" else (lambda layer: min(layer, 1))
+    per_tangent = sum(per_layer(layer) * 2 * batch * i * o for layer, (i, o) in enumerate(LAYERS))
     return primal + k * per_tangent
 
 
@@ -65,9 +70,11 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--perturbations", nargs="+", default=["weight", "activity"])
+    parser.add_argument("--engines", nargs="+", default=["jvp", "loop", "sim", "fd"])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -79,56 +86,58 @@ def main() -> None:
     x = torch.randn(args.batch, 784, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
-    def loss_fn(m: nn.Module) -> torch.Tensor:
-        return nn.functional.cross_entropy(m(x), y)
-
     def backprop_step() -> None:
         optimizer.zero_grad()
-        loss_fn(model).backward()
+        nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def engine_step(engine: str):
-        estimator = frog.ForwardGradient(args.k, "project", engine=engine, seed=0)
+    def engine_step(engine: str, k: int, perturbation: str):
+        estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation)
+        reduction = "none" if perturbation == "activity" else "mean"
 
         def step() -> None:
-            estimator.fill_grad(model, loss_fn)
+            estimator.fill_grad(model, lambda m: nn.functional.cross_entropy(m(x), y, reduction=reduction))
             optimizer.step()
 
         return step
 
     params = [p.detach() for p in model.parameters()]
-    generator_only = frog.ForwardGradient(args.k, "project", seed=0)  # keeps its tangent buffers, as in a step
 
-    def tangents_and_gram() -> None:
-        plan = generator_only.plan([p.shape for p in params], params[0])
-        plan.gram()  # generates every block (into the reused buffers) and sums their Gram matrices
+    def tangents_and_gram(k: int):
+        generator_only = frog.ForwardGradient(k, "project", seed=0)  # keeps its tangent buffers, as in a step
 
-    times = {"backprop": median_time(backprop_step, args.repeats, device)}
-    for engine in ("jvp", "loop", "sim"):
-        times[engine] = median_time(engine_step(engine), args.repeats, device)
-    times["tangents+gram"] = median_time(tangents_and_gram, args.repeats, device)
+        def run() -> None:
+            generator_only.plan([p.shape for p in params], params[0]).gram()  # every block, and their Gram
+
+        return run
+
+    backprop = median_time(backprop_step, 5 * args.repeats, device)
     peak = matmul_gflops(device)
-    achieved = jvp_flops(args.batch, args.k) / times["jvp"] / 1e9
-
-    print(f"MLP 784-1024-1024-10, batch {args.batch}, k = {args.k}, weight perturbation, "
-          f"device {device}, threads {torch.get_num_threads()}")
-    print(f"{'step':<16}{'ms':>10}{'x backprop':>12}")
-    for name, seconds in times.items():
-        print(f"{name:<16}{seconds * 1e3:>10.1f}{seconds / times['backprop']:>12.2f}")
-    ratios = {
-        "loop_over_jvp": times["loop"] / times["jvp"],
-        "jvp_over_backprop": times["jvp"] / times["backprop"],
-        "sim_over_backprop": times["sim"] / times["backprop"],
-        "tangents_gram_share_of_jvp": times["tangents+gram"] / times["jvp"],
-        "jvp_gflops": achieved,
-        "matmul_gflops": peak,
-        "jvp_share_of_matmul": achieved / peak,
-    }
-    print(f"jvp is {ratios['loop_over_jvp']:.2f}x faster than loop; jvp/backprop = {ratios['jvp_over_backprop']:.2f}")
-    print(f"jvp engine: {achieved:.1f} GFLOP/s vs plain matmul {peak:.1f} GFLOP/s ({100 * ratios['jvp_share_of_matmul']:.0f}%)")
-    print(json.dumps({"benchmark": "engines", "k": args.k, "device": device,
-                      "ms": {n: round(s * 1e3, 2) for n, s in times.items()},
-                      "ratios": {n: round(v, 3) for n, v in ratios.items()}}))
+    results: dict[str, dict[str, float]] = {}
+    print(f"MLP 784-1024-1024-10, batch {args.batch}, device {device}, threads {torch.get_num_threads()}; "
+          f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
+    print(f"{'perturbation':<13}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines)
+          + f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}")
+    for perturbation in args.perturbations:
+        for k in args.ks:
+            times = {e: median_time(engine_step(e, k, perturbation), args.repeats, device) for e in args.engines}
+            row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
+            row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
+            line = f"{perturbation:<13}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
+            if "jvp" in times:
+                achieved = jvp_flops(args.batch, k, perturbation) / times["jvp"] / 1e9
+                row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
+                loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
+                row["loop_over_jvp"] = loop_ratio
+                share = ""
+                if perturbation == "weight":
+                    row["tangents_gram_share_of_jvp"] = median_time(tangents_and_gram(k), args.repeats, device) / times["jvp"]
+                    share = f"{100 * row['tangents_gram_share_of_jvp']:.0f}"
+                line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}"
+            print(line, flush=True)
+            results[f"{perturbation}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
+    print(json.dumps({"benchmark": "engines", "device": device, "backprop_ms": round(backprop * 1e3, 2),
+                      "matmul_gflops": round(peak, 1), "results": results}))
 
 
 if __name__ == "__main__":
