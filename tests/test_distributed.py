@@ -37,6 +37,18 @@ def _worker(rank: int, world: int, init_file: str, out: str, task: str) -> None:
             for name, (settings, mode) in SCENARIOS.items():
                 train(TrainConfig(**CONFIG, **settings), Path(out) / name, progress=False, log=lambda s: None,
                       communicator=Communicator(mode))
+        elif task == "resume":
+            config = TrainConfig(**{**CONFIG, "epochs": 2}, gradient="frog")
+            folder = Path(out) / "resumed"
+            train(TrainConfig(**{**CONFIG, "epochs": 1}, gradient="frog"), folder, progress=False,
+                  log=lambda s: None, communicator=Communicator("tangent"))
+            if rank == 0:  # the interrupted run had been asked for 2 epochs
+                saved = json.loads((folder / "config.json").read_text())
+                saved["config"]["epochs"] = 2
+                (folder / "config.json").write_text(json.dumps(saved))
+            dist.barrier()
+            train(config, folder, resume=True, progress=False, log=lambda s: None, communicator=Communicator("tangent"))
+            train(config, Path(out) / "straight", progress=False, log=lambda s: None, communicator=Communicator("tangent"))
         elif task == "mismatch":
             train(TrainConfig(**{**CONFIG, "seed": rank}, gradient="frog"), Path(out) / "mismatch", progress=False,
                   log=lambda s: None, communicator=Communicator("tangent"))
@@ -80,6 +92,16 @@ def test_two_ranks_match_one_process(tmp_path):
         if name in ("tangent-weight", "data-weight"):
             assert 0 < bytes_per_step <= 8 * CONFIG["tangents"] * 2  # k numbers, not n
         assert bytes_per_step > 0
+
+
+def test_distributed_resume_equals_uninterrupted(tmp_path):
+    results = _run(tmp_path, "resume")
+    assert all(r["ok"] for r in results), results
+    drop_seconds = lambda text: [line.split(",")[:7] for line in text.splitlines()]  # noqa: E731
+    assert drop_seconds((tmp_path / "resumed" / "metrics.csv").read_text()) == drop_seconds(
+        (tmp_path / "straight" / "metrics.csv").read_text())
+    for key, value in _parameters(tmp_path / "straight").items():
+        assert torch.equal(_parameters(tmp_path / "resumed")[key], value), key
 
 
 def test_ranks_with_different_seeds_are_detected(tmp_path):
