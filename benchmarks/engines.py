@@ -40,10 +40,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(step, repeats: int, device: str) -> float:
+def median_time(step, repeats: int, device: str, min_seconds: float = 0.5) -> float:
+    """Median of at least ``repeats`` timed calls, more for fast steps (until min_seconds are spent)."""
     step()  # warm-up (vmap/jvp tracing, allocator)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         sync(device)
         start = time.perf_counter()
         step()
@@ -121,7 +122,10 @@ def main() -> None:
     for perturbation in args.perturbations:
         for k in args.ks:
             times = {e: median_time(engine_step(e, k, perturbation), args.repeats, device) for e in args.engines}
+            # backprop again beside this row (the machine's speed drifts): the ratios use the mean of both
+            backprop = (backprop + median_time(backprop_step, 5 * args.repeats, device)) / 2
             row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
+            row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
             line = f"{perturbation:<13}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
             if "jvp" in times:

@@ -139,14 +139,19 @@ class ForwardGradient:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
     # -- core --------------------------------------------------------------------------------
-    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor) -> TangentPlan:
-        """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``)."""
+    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, *, keep: bool = False) -> TangentPlan:
+        """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``).
+
+        The plan keeps every generated block when the engine holds them all anyway, or with ``keep``
+        (small tangents, e.g. block activities, that would otherwise be generated twice).
+        """
+        keep = keep or self.engine.keeps_all_tangents
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
             normalize=self.normalize, angle=self.angle,
-            cache=self.engine.keeps_all_tangents, track_gram=self.aggregation == "project",
-            buffers=self._tangent_buffers if self.engine.keeps_all_tangents else None,
+            cache=keep, track_gram=self.aggregation == "project",
+            buffers=self._tangent_buffers if keep else None,
         )
 
     def coefficients(self, plan: TangentPlan, raw_jvps: torch.Tensor) -> torch.Tensor:
@@ -279,7 +284,8 @@ class ForwardGradient:
         chained_sim = self.engine.single_pass and self.blocks is None
         with local_graphs(blocks, inputs_require_grad=chained_sim) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
-        plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
+        # k tangents per block activity (k x features, not k x parameters): kept for the estimate
+        plan = self.plan([h.shape[1:] for h in outputs], outputs[0], keep=True)
         comm = self.communicator
         if chained_sim:
             activity_grads = _chained_gradients(losses, inputs, outputs)
