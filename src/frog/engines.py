@@ -7,8 +7,8 @@ An engine takes ``fn`` (a dict of primal tensors -> scalar tensor), the primals 
 =======  ===========================================  ========================  ====================
 engine   how                                          cost per step             tangent memory
 =======  ===========================================  ========================  ====================
-jvp      torch.func.jvp under vmap: all k tangents    1 primal + k tangent      k x n (all blocks)
-         in one vectorized pass, primal computed once  streams, batched
+jvp      torch.func.jvp under vmap: all k tangents    1 primal + k tangent      k x n, or chunks of
+         in one vectorized pass, primal computed once  streams, batched          rows within a budget
 loop     torch.func.jvp, one tangent at a time        k primal + k tangent      n (one tangent)
 sim      autograd gradient g, then d = W g             1 forward + 1 backward    k x (largest block)
 fd       central differences (f(x+hv)-f(x-hv))/(2h)    2k + 1 forwards           n (one tangent)
@@ -33,6 +33,7 @@ from .tangents import TangentPlan
 
 Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 ENGINES = ("jvp", "loop", "sim", "fd")
+DEFAULT_TANGENT_BUDGET_MB = 512.0
 
 
 class RngReplay:
@@ -76,7 +77,10 @@ class Engine(ABC):
 
     name = ""
     single_pass = False
-    keeps_all_tangents = False
+
+    def keeps_all_tangents(self, num_tangents: int, dimension: int, itemsize: int) -> bool:
+        """Whether the engine holds all k x n tangents at once anyway (so the plan should keep them)."""
+        return False
 
     @abstractmethod
     def __call__(
@@ -91,20 +95,44 @@ class Engine(ABC):
 
 
 class JvpEngine(Engine):
-    """All k jvps in one ``vmap(jvp)`` pass; the unbatched primal is computed once."""
+    """All k jvps in one ``vmap(jvp)`` pass; the unbatched primal is computed once.
+
+    When the k x n tangents would take more than ``budget_mb`` megabytes, the rows are split into
+    chunks that fit, one pass per chunk (the primal is then computed once per chunk, and the
+    tangents are generated again for the Gram matrix and the estimate instead of being kept).
+    """
 
     name = "jvp"
-    keeps_all_tangents = True
+
+    def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
+        if not budget_mb > 0:
+            raise ValueError(f"tangent_budget_mb must be > 0, got {budget_mb}")
+        self.budget_bytes = float(budget_mb) * 2**20
+
+    def rows_per_pass(self, num_tangents: int, dimension: int, itemsize: int) -> int:
+        """How many tangent rows of ``dimension`` entries one pass may hold (at least 1)."""
+        return max(1, min(num_tangents, int(self.budget_bytes // (dimension * itemsize))))
+
+    def keeps_all_tangents(self, num_tangents, dimension, itemsize):
+        return self.rows_per_pass(num_tangents, dimension, itemsize) == num_tangents
 
     def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)
-        tangents = [shaped_like(plan.block(b, rows), primals[name]) for b, name in enumerate(names)]
+        wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
+        itemsize = next(iter(primals.values())).element_size()
+        size = self.rows_per_pass(len(wanted), plan.dimension, itemsize)
+        chunks = [rows] if size == len(wanted) else [wanted[i:i + size] for i in range(0, len(wanted), size)]
 
         def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return jvp(fn, (primals,), (dict(zip(names, blocks)),))
 
-        values, jvps = vmap(one_tangent, randomness="same")(*tangents)
-        return values[0], jvps
+        parts = []
+        for chunk in chunks:
+            tangents = [shaped_like(plan.block(b, chunk), primals[name]) for b, name in enumerate(names)]
+            values, jvps = vmap(one_tangent, randomness="same")(*tangents)
+            del tangents
+            parts.append(jvps)
+        return values[0], parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LoopEngine(Engine):
@@ -199,10 +227,10 @@ def check_scalar(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def make_engine(name: str, fd_step: float = 1e-3) -> Engine:
+def make_engine(name: str, fd_step: float = 1e-3, tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> Engine:
     """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``)."""
     if name == "jvp":
-        return JvpEngine()
+        return JvpEngine(tangent_budget_mb)
     if name == "loop":
         return LoopEngine()
     if name == "sim":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -12,7 +14,8 @@ from torch.func import functional_call
 
 from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
-from .engines import Function, check_scalar, explained_forward_mode_errors, jvps_from_gradients, make_engine
+from .engines import (DEFAULT_TANGENT_BUDGET_MB, Function, check_scalar, explained_forward_mode_errors,
+                      jvps_from_gradients, make_engine)
 from .distributed import Communicator
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
@@ -77,6 +80,10 @@ class ForwardGradient:
         angle: degrees in (0, 90], for ``tangents="angle"``.
         scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
         fd_step: step length h of the ``fd`` engine.
+        tangent_budget_mb: memory the ``jvp`` engine may give the tangents of one pass. When all k x n
+            fit, they are generated once per step and kept; otherwise the jvps run in chunks of
+            tangents that fit, and the tangents are generated again for the estimate (slower,
+            memory bounded by the budget).
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
@@ -96,6 +103,7 @@ class ForwardGradient:
         angle: float | None = None,
         scale_correction: bool = False,
         fd_step: float = 1e-3,
+        tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB,
         rtol: float | None = None,
         perturbation: str = "weight",
         blocks: Sequence[nn.Module] | None = None,
@@ -112,7 +120,7 @@ class ForwardGradient:
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
-        self.engine = make_engine(engine, fd_step)
+        self.engine = make_engine(engine, fd_step, tangent_budget_mb)
         self.seed = seed
         self.normalize = normalize
         self.angle = angle
@@ -145,7 +153,8 @@ class ForwardGradient:
         The plan keeps every generated block when the engine holds them all anyway, or with ``keep``
         (small tangents, e.g. block activities, that would otherwise be generated twice).
         """
-        keep = keep or self.engine.keeps_all_tangents
+        dimension = sum(math.prod(s) for s in shapes)
+        keep = keep or self.engine.keeps_all_tangents(self.num_tangents, dimension, like.element_size())
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
@@ -296,7 +305,11 @@ class ForwardGradient:
                 with perturbed(blocks, list(perturbations.values())):
                     return _per_sample(loss_fn(model))
 
-            zeros = {f"block{b}": torch.zeros_like(h).detach() for b, h in enumerate(outputs)}
+            # forward-mode engines perturb every sample by one (features,) tensor (broadcast over the
+            # batch, so no k x B copies of the tangents); sim needs per-sample positions, (B, features),
+            # to return per-sample gradients
+            per_sample = self.engine.single_pass
+            zeros = {f"block{b}": h.new_zeros(h.shape if per_sample else h.shape[1:]) for b, h in enumerate(outputs)}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
             with _frozen_running_stats(model, freeze=True), torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
