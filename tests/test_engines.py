@@ -484,5 +484,6 @@ def test_jvp_passes_hold_at_most_the_budgeted_rows():
 
 
 def test_tangent_budget_must_be_positive():
-    with pytest.raises(ValueError, match="tangent_budget_mb must be > 0"):
-        frog.ForwardGradient(2, tangent_budget_mb=0)
+    for engine in ("jvp", "sim"):
+        with pytest.raises(ValueError, match="tangent_budget_mb must be > 0"):
+            frog.ForwardGradient(2, engine=engine, tangent_budget_mb=0)

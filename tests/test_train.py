@@ -160,6 +160,10 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match="settings differ"):
         train(TrainConfig(**{**config.__dict__, "width": 32}), tmp_path, resume=True, progress=False,
               log=lambda s: None)
+    # the tangent budget changes memory use, not the numbers: a resume may change it
+    rows = train(TrainConfig(**{**config.__dict__, "tangent_budget_mb": 1.0}), tmp_path, resume=True,
+                 progress=False, log=lambda s: None)
+    assert len(rows) == 1
 
 
 def test_weight_perturbation_and_early_stopping(tmp_path):

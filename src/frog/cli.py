@@ -133,6 +133,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 64, 128 for cifar10")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--tangent-budget-mb", type=float, default=d.tangent_budget_mb,
+                   help="memory for the tangents of one jvp pass; beyond it the jvp engine runs in chunks")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--distributed", default=None, choices=["tangent", "data"],
                    help="under torchrun: split the tangents (tangent) or the batch (data) over the ranks")
@@ -151,6 +153,7 @@ def _train(args: argparse.Namespace) -> None:
         model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir, gradient=args.gradient,
         tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        tangent_budget_mb=args.tangent_budget_mb,
     )
     communicator = None
     if args.distributed:

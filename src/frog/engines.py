@@ -78,10 +78,6 @@ class Engine(ABC):
     name = ""
     single_pass = False
 
-    def keeps_all_tangents(self, num_tangents: int, dimension: int, itemsize: int) -> bool:
-        """Whether the engine holds all k x n tangents at once anyway (so the plan should keep them)."""
-        return False
-
     @abstractmethod
     def __call__(
         self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int] | None = None
@@ -112,9 +108,6 @@ class JvpEngine(Engine):
     def rows_per_pass(self, num_tangents: int, dimension: int, itemsize: int) -> int:
         """How many tangent rows of ``dimension`` entries one pass may hold (at least 1)."""
         return max(1, min(num_tangents, int(self.budget_bytes // (dimension * itemsize))))
-
-    def keeps_all_tangents(self, num_tangents, dimension, itemsize):
-        return self.rows_per_pass(num_tangents, dimension, itemsize) == num_tangents
 
     def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)

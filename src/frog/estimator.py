@@ -80,10 +80,10 @@ class ForwardGradient:
         angle: degrees in (0, 90], for ``tangents="angle"``.
         scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
         fd_step: step length h of the ``fd`` engine.
-        tangent_budget_mb: memory the ``jvp`` engine may give the tangents of one pass. When all k x n
-            fit, they are generated once per step and kept; otherwise the jvps run in chunks of
-            tangents that fit, and the tangents are generated again for the estimate (slower,
-            memory bounded by the budget).
+        tangent_budget_mb: memory the tangents may take. When all k x n fit, they are generated once
+            per step and kept; otherwise they are generated block by block where they are needed
+            (twice or three times a step) and the ``jvp`` engine runs its passes on chunks of
+            tangents that fit: slower, with memory bounded by the budget.
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
@@ -120,7 +120,10 @@ class ForwardGradient:
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
+        if not tangent_budget_mb > 0:
+            raise ValueError(f"tangent_budget_mb must be > 0, got {tangent_budget_mb}")
         self.engine = make_engine(engine, fd_step, tangent_budget_mb)
+        self.tangent_budget_bytes = float(tangent_budget_mb) * 2**20
         self.seed = seed
         self.normalize = normalize
         self.angle = angle
@@ -150,11 +153,12 @@ class ForwardGradient:
     def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, *, keep: bool = False) -> TangentPlan:
         """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``).
 
-        The plan keeps every generated block when the engine holds them all anyway, or with ``keep``
-        (small tangents, e.g. block activities, that would otherwise be generated twice).
+        The plan keeps every generated block (generated once, for the jvps, the Gram matrix and the
+        estimate) when all k x n tangents fit the tangent budget, or with ``keep``; otherwise it
+        generates them again where they are needed and holds k x (largest block) at a time.
         """
         dimension = sum(math.prod(s) for s in shapes)
-        keep = keep or self.engine.keeps_all_tangents(self.num_tangents, dimension, like.element_size())
+        keep = keep or self.num_tangents * dimension * like.element_size() <= self.tangent_budget_bytes
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .distributed import Communicator
 from .data import DATASETS, Dataset, Split, batches, load_dataset
-from .engines import ENGINES
+from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES
 from .errors import NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .lrs import network_lr
@@ -32,6 +32,9 @@ from .tangents import derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
            "seconds", "lr", "steps", "diverged", "comm_bytes_per_step"]
+
+
+RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class TrainConfig:
     batch_size: int | None = None
     seed: int = 0
     device: str = "cpu"
+    tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB
 
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it."""
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.tangent_budget_mb > 0:
+            raise ValueError(f"the tangent budget must be > 0 MB, got {self.tangent_budget_mb}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"the learning rate must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -167,7 +173,8 @@ def train(
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
-                              perturbation=config.perturbation, communicator=comm)
+                              perturbation=config.perturbation, communicator=comm,
+                              tangent_budget_mb=config.tangent_budget_mb)
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
     if comm is not None:
         comm.check_same(**asdict(config), resume=resume, world=comm.world)
@@ -177,8 +184,11 @@ def train(
 
     if resume and checkpoint_path.exists():
         saved = json.loads(config_path.read_text())["config"]
-        if saved != asdict(config):
-            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+        current = asdict(config)
+        for free in RESUMABLE_CHANGES:  # settings that do not change the numbers
+            saved.pop(free, None), current.pop(free)
+        if saved != current:
+            changed = sorted(set(saved) ^ set(current) | {k for k in saved if saved[k] != current.get(k)})
             raise ValueError(f"cannot resume {out_dir}: settings differ from the checkpoint ({', '.join(changed)})")
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(checkpoint["model"])
