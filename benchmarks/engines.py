@@ -3,8 +3,9 @@
 Model: MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; for each k and each
 perturbation (weight, activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
-plain matmul measured in the same run, the share of tangent generation + Gram in a weight jvp step,
-and a final JSON line.
+plain matmul measured in the same run, the share of tangent generation + Gram in a weight jvp step
+(timed alone, as a step generates them), the matmul share of the rest of that step ("rest %mm":
+the jvp FLOPs over the step time minus generation + Gram), and a final JSON line.
 
     python benchmarks/engines.py [--ks 1 4 16 64] [--perturbations weight activity]
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tangent-budget-mb", type=float, default=frog.engines.DEFAULT_TANGENT_BUDGET_MB,
+                        help="ForwardGradient's tangent budget (a small one: tangents regenerated, not kept)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +96,8 @@ def main() -> None:
         optimizer.step()
 
     def engine_step(engine: str, k: int, perturbation: str):
-        estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation)
+        estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation,
+                                         tangent_budget_mb=args.tangent_budget_mb)
         reduction = "none" if perturbation == "activity" else "mean"
 
         def step() -> None:
@@ -105,7 +109,7 @@ def main() -> None:
     params = [p.detach() for p in model.parameters()]
 
     def tangents_and_gram(k: int):
-        generator_only = frog.ForwardGradient(k, "project", seed=0)  # keeps its tangent buffers, as in a step
+        generator_only = frog.ForwardGradient(k, "project", seed=0, tangent_budget_mb=args.tangent_budget_mb)
 
         def run() -> None:
             generator_only.plan([p.shape for p in params], params[0]).gram()  # every block, and their Gram
@@ -115,10 +119,11 @@ def main() -> None:
     backprop = median_time(backprop_step, 5 * args.repeats, device)
     peak = matmul_gflops(device)
     results: dict[str, dict[str, float]] = {}
-    print(f"MLP 784-1024-1024-10, batch {args.batch}, device {device}, threads {torch.get_num_threads()}; "
+    print(f"MLP 784-1024-1024-10, batch {args.batch}, device {device}, threads {torch.get_num_threads()}, "
+          f"tangent budget {args.tangent_budget_mb:g} MB; "
           f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
     print(f"{'perturbation':<13}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines)
-          + f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}")
+          + f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}")
     for perturbation in args.perturbations:
         for k in args.ks:
             times = {e: median_time(engine_step(e, k, perturbation), args.repeats, device) for e in args.engines}
@@ -133,14 +138,20 @@ def main() -> None:
                 row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
                 loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
                 row["loop_over_jvp"] = loop_ratio
-                share = ""
+                share = rest = ""
                 if perturbation == "weight":
-                    row["tangents_gram_share_of_jvp"] = median_time(tangents_and_gram(k), args.repeats, device) / times["jvp"]
+                    generation = median_time(tangents_and_gram(k), args.repeats, device)
+                    row["tangents_gram_share_of_jvp"] = generation / times["jvp"]
                     share = f"{100 * row['tangents_gram_share_of_jvp']:.0f}"
-                line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}"
+                    # the rest of the step: jvp passes, estimate, SGD (derived: step minus generation + Gram)
+                    if times["jvp"] > generation:
+                        row["jvp_share_of_matmul_without_generation"] = achieved / peak * times["jvp"] / (times["jvp"] - generation)
+                        rest = f"{100 * row['jvp_share_of_matmul_without_generation']:.0f}"
+                line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}{rest:>12}"
             print(line, flush=True)
             results[f"{perturbation}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
-    print(json.dumps({"benchmark": "engines", "device": device, "backprop_ms": round(backprop * 1e3, 2),
+    print(json.dumps({"benchmark": "engines", "device": device, "tangent_budget_mb": args.tangent_budget_mb,
+                      "backprop_ms": round(backprop * 1e3, 2),
                       "matmul_gflops": round(peak, 1), "results": results}))
 
 

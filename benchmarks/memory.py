@@ -13,10 +13,13 @@ number getrusage's ru_maxrss reports), reset through /proc/self/clear_refs befor
 step: ru_maxrss itself is useless in a child process, since Linux carries the parent's peak over
 exec. With --device cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
 
-Next to each setting the theoretical tangent memory: k x (largest block), what sim, loop and fd
-should need, and k x n, what the jvp engine holds by design (vmap needs all tangents at once).
+Next to each setting the theoretical tangent memory: k x (largest block), what an engine needs
+when the tangents are generated again where they are used, and k x n, what a step holds when all
+tangents fit ForwardGradient's tangent budget (--tangent-budget-mb, default 512) and are kept.
+Beyond the budget the jvp engine runs its vectorized passes on chunks of rows that fit it.
 
     python benchmarks/memory.py [--k 16] [--fc-k 64] [--engines jvp loop sim fd] [--device cpu|cuda]
+                                [--tangent-budget-mb MB]
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
-def measure(setting: str, method: str, k: int, device: str) -> dict[str, float]:
+def measure(setting: str, method: str, k: int, device: str, budget_mb: float) -> dict[str, float]:
     """Runs in the child process: peak memory of one step over the baseline, in MB."""
     widths, batch, perturbation, _ = SETTINGS[setting]
     model = make_model(widths).to(device)
@@ -72,7 +75,7 @@ def measure(setting: str, method: str, k: int, device: str) -> dict[str, float]:
         return nn.functional.cross_entropy(m(x), y, reduction=reduction)
 
     estimator = frog.ForwardGradient(k, "project", engine=method if method != "backprop" else "jvp",
-                                     seed=0, perturbation=perturbation)
+                                     seed=0, perturbation=perturbation, tangent_budget_mb=budget_mb)
 
     def step() -> None:
         if method == "backprop":
@@ -102,8 +105,9 @@ def measure(setting: str, method: str, k: int, device: str) -> dict[str, float]:
     return {"baseline_mb": baseline / MB, "peak_mb": (peak - baseline) / MB}
 
 
-def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", setting, method, str(k), "--device", device]
+def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool, budget_mb: float) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", setting, method, str(k), "--device", device,
+               "--tangent-budget-mb", str(budget_mb)]
     # A fixed mmap threshold makes glibc return every freed block of >= 128 KiB to the system at
     # once, so the RSS follows the live tensors; with glibc's default (a threshold that grows up
     # to 32 MiB) freed temporaries stay in the heap and the peak varies from run to run.
@@ -119,12 +123,14 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["jvp", "loop", "sim", "fd"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tangent-budget-mb", type=float, default=frog.engines.DEFAULT_TANGENT_BUDGET_MB,
+                        help="ForwardGradient's tangent budget: tangents that fit it are kept for the step")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
     parser.add_argument("--child", nargs=3, metavar=("SETTING", "METHOD", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         setting, method, k = args.child
-        print(json.dumps(measure(setting, method, int(k), args.device)))
+        print(json.dumps(measure(setting, method, int(k), args.device, args.tangent_budget_mb)))
         return
 
     results = {}
@@ -134,10 +140,10 @@ def main() -> None:
         sizes = block_sizes(widths, perturbation)
         theory = {"k_x_largest_block_mb": k * max(sizes) * 4 / MB, "k_x_n_mb": k * sum(sizes) * 4 / MB}
         gradient_mb = sum(block_sizes(widths, "weight")) * 4 / MB
-        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc)["peak_mb"]
+        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc, args.tangent_budget_mb)["peak_mb"]
                  for method in ["backprop", *args.engines]}
         print(f"\n{setting}: {len(widths) - 1} Linear layers of width {widths[1]}, batch {batch}, k = {k}, "
-              f"n = {sum(sizes):,} tangent entries, device {args.device}")
+              f"n = {sum(sizes):,} tangent entries, device {args.device}, tangent budget {args.tangent_budget_mb:g} MB")
         print(f"theory: k x (largest block) = {theory['k_x_largest_block_mb']:.1f} MB, "
               f"k x n = {theory['k_x_n_mb']:.1f} MB; one gradient (all parameters) = {gradient_mb:.1f} MB")
         print(f"{'method':<10}{'peak MB':>10}{'x backprop':>12}{'over backprop MB':>18}")
@@ -146,7 +152,8 @@ def main() -> None:
         results[setting] = {"k": k, **{n: round(v, 2) for n, v in theory.items()}, "gradient_mb": round(gradient_mb, 2),
                             "peak_mb": {m: round(p, 1) for m, p in peaks.items()},
                             "ratio_to_backprop": {m: round(p / peaks["backprop"], 2) for m, p in peaks.items()}}
-    print(json.dumps({"benchmark": "memory", "device": args.device, "results": results}))
+    print(json.dumps({"benchmark": "memory", "device": args.device, "tangent_budget_mb": args.tangent_budget_mb,
+                      "results": results}))
 
 
 if __name__ == "__main__":

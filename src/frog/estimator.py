@@ -260,6 +260,9 @@ class ForwardGradient:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no parameters with requires_grad=True")
+        if not accumulate:  # replaced below: free the old gradients before the estimates are built
+            for p in params.values():
+                p.grad = None
         if self.perturbation == "activity":
             value, estimates = self._activity_estimates(model, loss_fn, params)
         else:
