@@ -464,6 +464,28 @@ def test_jvp_in_chunks_within_a_tangent_budget_matches_sim(kind, angle):
     torch.testing.assert_close(flat_grads(m), ref, rtol=0, atol=1e-10 * float(ref.norm()))
 
 
+@pytest.mark.parametrize("engine", frog.ENGINES)
+@pytest.mark.parametrize("aggregation", frog.METHODS)
+def test_tangents_regenerated_beyond_the_budget_give_the_same_estimate(engine, aggregation):
+    """A budget below k x n: tangents are generated again for the Gram matrix and the estimate
+    instead of being kept; the estimate is the same (the streams are counter-seeded)."""
+    model = make_cnn()
+    model.train()
+    xc, yc = cnn_data()
+
+    def loss_fn(m):
+        return F.cross_entropy(m(xc), yc)
+
+    shapes, like = [p.shape for p in model.parameters()], xc
+    assert frog.ForwardGradient(5, engine=engine).plan(shapes, like).keeps_blocks
+    assert not frog.ForwardGradient(5, engine=engine, tangent_budget_mb=1e-6).plan(shapes, like).keeps_blocks
+    kept, _ = fill(model, engine, loss_fn, "orthonormal", aggregation=aggregation, k=5, fd_step=1e-4)
+    regenerated, _ = fill(model, engine, loss_fn, "orthonormal", aggregation=aggregation, k=5, fd_step=1e-4,
+                          tangent_budget_mb=1e-6)
+    ref = flat_grads(kept)
+    torch.testing.assert_close(flat_grads(regenerated), ref, rtol=0, atol=1e-12 * float(ref.norm()))
+
+
 def test_jvp_passes_hold_at_most_the_budgeted_rows():
     x = torch.randn(10, generator=gen(3), dtype=F64)
     seen = []

@@ -150,15 +150,15 @@ class ForwardGradient:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
     # -- core --------------------------------------------------------------------------------
-    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, *, keep: bool = False) -> TangentPlan:
+    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor) -> TangentPlan:
         """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``).
 
         The plan keeps every generated block (generated once, for the jvps, the Gram matrix and the
-        estimate) when all k x n tangents fit the tangent budget, or with ``keep``; otherwise it
-        generates them again where they are needed and holds k x (largest block) at a time.
+        estimate) when all k x n tangents fit the tangent budget; otherwise it generates them again
+        where they are needed and holds k x (largest block) at a time.
         """
         dimension = sum(math.prod(s) for s in shapes)
-        keep = keep or self.num_tangents * dimension * like.element_size() <= self.tangent_budget_bytes
+        keep = self.num_tangents * dimension * like.element_size() <= self.tangent_budget_bytes
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
@@ -300,8 +300,7 @@ class ForwardGradient:
         chained_sim = self.engine.single_pass and self.blocks is None
         with local_graphs(blocks, inputs_require_grad=chained_sim) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
-        # k tangents per block activity (k x features, not k x parameters): kept for the estimate
-        plan = self.plan([h.shape[1:] for h in outputs], outputs[0], keep=True)
+        plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
         comm = self.communicator
         if chained_sim:
             activity_grads = _chained_gradients(losses, inputs, outputs)

@@ -277,6 +277,11 @@ class TangentPlan:
         self._block_grams: dict[int, torch.Tensor] = {}
         self._transform: torch.Tensor | None = None
 
+    @property
+    def keeps_blocks(self) -> bool:
+        """Whether generated blocks are kept for the rest of the step (else generated again)."""
+        return self._cache is not None
+
     def block(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Raw tangents of block ``index``: shape (len(rows), *shape); all k rows by default."""
         if self._cache is not None and rows is not None:  # the whole block is wanted later anyway: make it once
