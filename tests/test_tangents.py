@@ -157,12 +157,19 @@ def concatenated(plan):
     return torch.cat([plan.block(b).reshape(plan.num_tangents, -1) for b in range(len(plan.shapes))], dim=1)
 
 
+MIXED_SHAPES = [(64, 80), (3,)]  # a block drawn row by row (>= SMALL_BLOCK entries) and a small one
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("cache", [False, True])
-def test_plan_regenerates_blocks_and_rows(kind, cache):
-    plan = make_plan(kind, cache=cache)
-    fresh = make_plan(kind)
-    for b, shape in enumerate(SHAPES):
+@pytest.mark.parametrize("shapes", [SHAPES, MIXED_SHAPES])
+def test_plan_regenerates_blocks_and_rows(kind, cache, shapes):
+    assert math.prod(MIXED_SHAPES[0]) >= frog.tangents.SMALL_BLOCK > math.prod(SHAPES[0])
+    make = lambda **kw: frog.TangentPlan(kind, 4, shapes, seed=0, step=0, dtype=torch.float64,  # noqa: E731
+                                         angle=45.0 if kind == "angle" else None, **kw)
+    plan = make(cache=cache)
+    fresh = make()
+    for b, shape in enumerate(shapes):
         block = plan.block(b)
         assert block.shape == (4, *shape)
         assert torch.equal(plan.block(b), block)  # regenerating a block

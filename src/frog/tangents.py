@@ -3,7 +3,8 @@
 Every sampler is split in two steps so that tangents can be generated block by block:
 
 1. *raw* tangents W (k x n): i.i.d. ``normal`` or ``rademacher`` entries, or standard ``basis``
-   vectors. Row i of block b depends only on a counter key, so any block can be regenerated alone.
+   vectors. Row i of block b depends only on a counter key (small blocks: all their rows on one
+   key of the block), so any block can be regenerated alone.
 2. an optional k x k *mixing* matrix T computed from the raw Gram matrix G = W W^T alone; the
    tangents are V = T W. Normalization (T = diag(G)^-1/2), orthonormalization (T = L^-1 with
    G = L L^T) and the ``angle`` construction are all of this form.
@@ -109,6 +110,8 @@ def fill_random(kind: str, out: torch.Tensor, generator: torch.Generator | None)
 
 
 _PARALLEL_FILL_MIN = 1 << 20  # entries from which a tensor is worth filling on several threads
+SMALL_BLOCK = 4096  # blocks with fewer entries per tangent draw all k rows from one stream
+_WHOLE_BLOCK = 1 << 63  # the row key of a small block's one stream (no row index reaches it)
 
 
 @functools.cache
@@ -229,8 +232,9 @@ class TangentPlan:
     """The tangents of one estimator step, generated block by block and never as one k x n matrix.
 
     Raw tangent row i of block b is drawn from its own generator seeded by
-    ``derive_seed(seed, step, i, b)``, so every block (and every row) can be regenerated alone, on
-    any process. ``cache=True`` keeps generated blocks (for engines that hold all of them anyway);
+    ``derive_seed(seed, step, i, b)`` (blocks of fewer than SMALL_BLOCK entries: all k rows from one
+    generator of the block, one call instead of k), so every block (and every row) can be
+    regenerated alone, on any process. ``cache=True`` keeps generated blocks (for engines that hold all of them anyway);
     ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so that
     :meth:`gram` regenerates only the blocks no engine has asked for. ``buffers`` (block index ->
     tensor, owned by the caller) are reused for whole blocks from one step to the next: writing
@@ -308,8 +312,16 @@ class TangentPlan:
         return out
 
     def _fill_rows(self, out: torch.Tensor, rows: Sequence[int], index: int) -> None:
-        """out[j] = raw row rows[j] of block ``index``, each from its counter-seeded stream."""
-        fill_streams(self.kind, out, [derive_seed(self.seed, self.step, i, index) for i in rows])
+        """out[j] = raw row rows[j] of block ``index``: each row from its counter-seeded stream, or,
+        for a small block (a bias, a block activity), all k rows from one stream of the block."""
+        if math.prod(self.shapes[index]) >= SMALL_BLOCK:
+            fill_streams(self.kind, out, [derive_seed(self.seed, self.step, i, index) for i in rows])
+            return
+        whole = out if len(rows) == self.num_tangents and list(rows) == list(range(self.num_tangents)) \
+            else torch.empty(self.num_tangents, *self.shapes[index], device=out.device, dtype=out.dtype)
+        fill_streams(self.kind, whole[None], [derive_seed(self.seed, self.step, _WHOLE_BLOCK, index)])
+        if whole is not out:
+            out.copy_(whole[list(rows)])
 
     def _buffer(self, index: int) -> torch.Tensor | None:
         """The caller's reusable buffer for the whole block ``index`` (made on first use), if any."""
