@@ -3,7 +3,7 @@
 Model: MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; for each k and each
 perturbation (weight, activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
-plain matmul measured in the same run, the share of tangent generation + Gram in a weight jvp step
+plain matmul measured in the same run, the share of tangent generation + Gram in a jvp step
 (timed alone, as a step generates them), the matmul share of the rest of that step ("rest %mm":
 the jvp FLOPs over the step time minus generation + Gram), and a final JSON line.
 
@@ -106,13 +106,16 @@ def main() -> None:
 
         return step
 
-    params = [p.detach() for p in model.parameters()]
+    block_shapes = {  # what the tangents of a step cover: parameter tensors, or block outputs (features)
+        "weight": [p.shape for p in model.parameters()],
+        "activity": [torch.Size((fan_out,)) for _, fan_out in LAYERS],
+    }
 
-    def tangents_and_gram(k: int):
+    def tangents_and_gram(k: int, perturbation: str):
         generator_only = frog.ForwardGradient(k, "project", seed=0, tangent_budget_mb=args.tangent_budget_mb)
 
         def run() -> None:
-            generator_only.plan([p.shape for p in params], params[0]).gram()  # every block, and their Gram
+            generator_only.plan(block_shapes[perturbation], x).gram()  # every block, and their Gram
 
         return run
 
@@ -138,15 +141,13 @@ def main() -> None:
                 row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
                 loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
                 row["loop_over_jvp"] = loop_ratio
-                share = rest = ""
-                if perturbation == "weight":
-                    generation = median_time(tangents_and_gram(k), args.repeats, device)
-                    row["tangents_gram_share_of_jvp"] = generation / times["jvp"]
-                    share = f"{100 * row['tangents_gram_share_of_jvp']:.0f}"
-                    # the rest of the step: jvp passes, estimate, SGD (derived: step minus generation + Gram)
-                    if times["jvp"] > generation:
-                        row["jvp_share_of_matmul_without_generation"] = achieved / peak * times["jvp"] / (times["jvp"] - generation)
-                        rest = f"{100 * row['jvp_share_of_matmul_without_generation']:.0f}"
+                generation = median_time(tangents_and_gram(k, perturbation), args.repeats, device)
+                row["tangents_gram_share_of_jvp"] = generation / times["jvp"]
+                share, rest = f"{100 * row['tangents_gram_share_of_jvp']:.1f}", ""
+                # the rest of the step: jvp passes, estimate, SGD (derived: step minus generation + Gram)
+                if times["jvp"] > generation:
+                    row["jvp_share_of_matmul_without_generation"] = achieved / peak * times["jvp"] / (times["jvp"] - generation)
+                    rest = f"{100 * row['jvp_share_of_matmul_without_generation']:.0f}"
                 line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}{rest:>12}"
             print(line, flush=True)
             results[f"{perturbation}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
