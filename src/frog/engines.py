@@ -16,6 +16,8 @@ fd       central differences (f(x+hv)-f(x-hv))/(2h)    2k + 1 forwards          
 
 ``jvp`` and ``loop`` are true forward mode (no backward pass); ``sim`` gives the same numbers from
 the exact gradient (how the paper computed them); ``fd`` needs no forward-mode rules at all.
+The memory column is for a plan that does not keep its blocks (tangents beyond the estimator's
+budget); a plan that keeps them holds k x n for the whole step, whatever the engine.
 """
 
 from __future__ import annotations
