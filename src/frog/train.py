@@ -203,6 +203,8 @@ def train(
     elif resume:
         log(f"no checkpoint in {out_dir}: starting from scratch")
     metrics = None
+    if comm is not None:
+        comm.barrier()  # every rank has read config.json and the checkpoint before rank 0 rewrites them
     if main_rank:
         if not (resume and checkpoint_path.exists()) and metrics_path.exists():
             metrics_path.unlink()
