@@ -38,6 +38,18 @@ ENGINES = ("jvp", "loop", "sim", "fd")
 DEFAULT_TANGENT_BUDGET_MB = 512.0
 
 
+def budget_bytes(budget_mb: float) -> float:
+    """A tangent budget in bytes; ValueError unless ``budget_mb`` > 0."""
+    if not budget_mb > 0:
+        raise ValueError(f"tangent_budget_mb must be > 0, got {budget_mb}")
+    return float(budget_mb) * 2**20
+
+
+def rows_within(budget: float, num_tangents: int, dimension: int, itemsize: int) -> int:
+    """How many of ``num_tangents`` tangent rows of ``dimension`` entries fit ``budget`` bytes (at least 1)."""
+    return max(1, min(num_tangents, int(budget // (dimension * itemsize))))
+
+
 class RngReplay:
     """Lets every pass of a multi-pass engine see the same random numbers (e.g. dropout masks)."""
 
@@ -103,19 +115,13 @@ class JvpEngine(Engine):
     name = "jvp"
 
     def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
-        if not budget_mb > 0:
-            raise ValueError(f"tangent_budget_mb must be > 0, got {budget_mb}")
-        self.budget_bytes = float(budget_mb) * 2**20
-
-    def rows_per_pass(self, num_tangents: int, dimension: int, itemsize: int) -> int:
-        """How many tangent rows of ``dimension`` entries one pass may hold (at least 1)."""
-        return max(1, min(num_tangents, int(self.budget_bytes // (dimension * itemsize))))
+        self.budget_bytes = budget_bytes(budget_mb)
 
     def __call__(self, fn, primals, plan, rows=None):
         names = list(primals)
         wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
         itemsize = next(iter(primals.values())).element_size()
-        size = self.rows_per_pass(len(wanted), plan.dimension, itemsize)
+        size = rows_within(self.budget_bytes, len(wanted), plan.dimension, itemsize)
         chunks = [rows] if size == len(wanted) else [wanted[i:i + size] for i in range(0, len(wanted), size)]
 
         def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +131,7 @@ class JvpEngine(Engine):
         for chunk in chunks:
             tangents = [shaped_like(plan.block(b, chunk), primals[name]) for b, name in enumerate(names)]
             values, jvps = vmap(one_tangent, randomness="same")(*tangents)
-            del tangents
+            del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
             parts.append(jvps)
         return values[0], parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -14,8 +14,8 @@ from torch.func import functional_call
 
 from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
-from .engines import (DEFAULT_TANGENT_BUDGET_MB, Function, check_scalar, explained_forward_mode_errors,
-                      jvps_from_gradients, make_engine)
+from .engines import (DEFAULT_TANGENT_BUDGET_MB, Function, budget_bytes, check_scalar,
+                      explained_forward_mode_errors, jvps_from_gradients, make_engine, rows_within)
 from .distributed import Communicator
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
@@ -120,10 +120,8 @@ class ForwardGradient:
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
-        if not tangent_budget_mb > 0:
-            raise ValueError(f"tangent_budget_mb must be > 0, got {tangent_budget_mb}")
+        self.tangent_budget_bytes = budget_bytes(tangent_budget_mb)
         self.engine = make_engine(engine, fd_step, tangent_budget_mb)
-        self.tangent_budget_bytes = float(tangent_budget_mb) * 2**20
         self.seed = seed
         self.normalize = normalize
         self.angle = angle
@@ -158,7 +156,8 @@ class ForwardGradient:
         where they are needed and holds k x (largest block) at a time.
         """
         dimension = sum(math.prod(s) for s in shapes)
-        keep = self.num_tangents * dimension * like.element_size() <= self.tangent_budget_bytes
+        k = self.num_tangents
+        keep = rows_within(self.tangent_budget_bytes, k, dimension, like.element_size()) == k
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,

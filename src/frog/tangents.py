@@ -234,7 +234,8 @@ class TangentPlan:
     Raw tangent row i of block b is drawn from its own generator seeded by
     ``derive_seed(seed, step, i, b)`` (blocks of fewer than SMALL_BLOCK entries: all k rows from one
     generator of the block, one call instead of k), so every block (and every row) can be
-    regenerated alone, on any process. ``cache=True`` keeps generated blocks (for engines that hold all of them anyway);
+    regenerated alone, on any process. ``cache=True`` keeps generated blocks (when all k x n fit
+    the estimator's tangent budget);
     ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so that
     :meth:`gram` regenerates only the blocks no engine has asked for. ``buffers`` (block index ->
     tensor, owned by the caller) are reused for whole blocks from one step to the next: writing

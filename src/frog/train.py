@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .distributed import Communicator
 from .data import DATASETS, Dataset, Split, batches, load_dataset
-from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES
+from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from .errors import NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .lrs import network_lr
@@ -75,8 +75,7 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.tangent_budget_mb > 0:
-            raise ValueError(f"the tangent budget must be > 0 MB, got {self.tangent_budget_mb}")
+        budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"the learning rate must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
