@@ -25,6 +25,7 @@ Beyond the budget the jvp engine runs its vectorized passes on chunks of rows th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ SETTINGS = {  # name: (layer widths, batch, perturbation, which k option)
 def make_model(widths: list[int]) -> nn.Sequential:
     """An nn.Sequential of blocks Linear + ReLU (the last block: Linear alone)."""
     torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in zip(widths[:-2], widths[1:-1])]
+    blocks = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in itertools.pairwise(widths)]
     return nn.Sequential(*blocks, nn.Sequential(nn.Linear(widths[-2], widths[-1])))
 
 
@@ -54,7 +55,7 @@ def block_sizes(widths: list[int], perturbation: str) -> list[int]:
     """Entries of each tangent block: parameter tensors, or block outputs (shared by the batch)."""
     if perturbation == "activity":
         return widths[1:]
-    return [size for i, o in zip(widths, widths[1:]) for size in (i * o, o)]  # weight, bias
+    return [size for i, o in itertools.pairwise(widths) for size in (i * o, o)]  # weight, bias
 
 
 def rss_kib(field: str) -> int:

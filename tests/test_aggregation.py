@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import gen, lstsq_projection, projection_matrix, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
 import frog
-from conftest import gen, lstsq_projection, projection_matrix, rel_err
 
 METHODS = list(frog.METHODS)
 F64 = torch.float64

@@ -17,13 +17,13 @@ import torch.multiprocessing as mp
 from frog.distributed import Communicator, DistributedError
 from frog.train import TrainConfig, train
 
-CONFIG = dict(model="fc", width=32, dataset="digits", tangents=4, lr=0.05, batch_size=96, epochs=1)
+CONFIG = {"model": "fc", "width": 32, "dataset": "digits", "tangents": 4, "lr": 0.05, "batch_size": 96, "epochs": 1}
 SCENARIOS = {
-    "tangent": (dict(gradient="frog", perturbation="activity"), "tangent"),
-    "tangent-weight": (dict(gradient="fg-mean", perturbation="weight"), "tangent"),
-    "data-weight": (dict(gradient="frog", perturbation="weight"), "data"),
-    "data-activity": (dict(gradient="frog", perturbation="activity"), "data"),
-    "data-bp": (dict(gradient="bp"), "data"),
+    "tangent": ({"gradient": "frog", "perturbation": "activity"}, "tangent"),
+    "tangent-weight": ({"gradient": "fg-mean", "perturbation": "weight"}, "tangent"),
+    "data-weight": ({"gradient": "frog", "perturbation": "weight"}, "data"),
+    "data-activity": ({"gradient": "frog", "perturbation": "activity"}, "data"),
+    "data-bp": ({"gradient": "bp"}, "data"),
 }
 
 
@@ -81,7 +81,7 @@ def _parameters(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_match_one_process(tmp_path):
     results = _run(tmp_path, "runs")
     assert all(r["ok"] for r in results), results
-    for name, (settings, mode) in SCENARIOS.items():
+    for name, (settings, _mode) in SCENARIOS.items():
         single = tmp_path / f"single-{name}"
         train(TrainConfig(**CONFIG, **settings), single, progress=False, log=lambda s: None)
         for key, value in _parameters(single).items():
@@ -97,7 +97,7 @@ def test_two_ranks_match_one_process(tmp_path):
 def test_distributed_resume_equals_uninterrupted(tmp_path):
     results = _run(tmp_path, "resume")
     assert all(r["ok"] for r in results), results
-    drop_seconds = lambda text: [line.split(",")[:7] for line in text.splitlines()]  # noqa: E731
+    drop_seconds = lambda text: [line.split(",")[:7] for line in text.splitlines()]
     assert drop_seconds((tmp_path / "resumed" / "metrics.csv").read_text()) == drop_seconds(
         (tmp_path / "straight" / "metrics.csv").read_text())
     for key, value in _parameters(tmp_path / "straight").items():

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from conftest import KINDS_AND_ANGLES, autograd_grad, gen
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 import frog
-from conftest import KINDS_AND_ANGLES, autograd_grad, gen
 from frog.engines import make_engine
 
 F64 = torch.float64
@@ -273,7 +273,7 @@ def test_sim_basis_k_equals_n_is_exact_gradient(make_model, data, aggregation):
     m, _ = fill(model, "sim", loss_fn, "basis", None, aggregation, k=n)
     exact = copy.deepcopy(model)
     loss_fn(exact).backward()
-    for p, q in zip(m.parameters(), exact.parameters()):
+    for p, q in zip(m.parameters(), exact.parameters(), strict=False):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
 
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import autograd_grad, gen, lstsq_projection
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 import frog
-from conftest import autograd_grad, gen, lstsq_projection
 
 F64 = torch.float64
 
@@ -119,7 +119,7 @@ def test_fill_grad_loss_may_read_parameters_directly():
         frog.ForwardGradient(n, "project", "basis", engine=engine).fill_grad(m, loss_fn)
         ref = copy.deepcopy(model)
         loss_fn(ref).backward()
-        for p, q in zip(m.parameters(), ref.parameters()):
+        for p, q in zip(m.parameters(), ref.parameters(), strict=False):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -132,7 +132,7 @@ def test_sgd_step_uses_filled_grad():
     frog.ForwardGradient(8, seed=0).fill_grad(model, lambda m: F.cross_entropy(m(xb), yb))
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
-    for p, p0, g in zip(model.parameters(), before, grads):
+    for p, p0, g in zip(model.parameters(), before, grads, strict=False):
         torch.testing.assert_close(p.detach(), p0 - 0.1 * g, rtol=1e-14, atol=1e-15)
 
 
@@ -172,10 +172,10 @@ def test_fill_grad_accumulate(engine):
     acc = frog.ForwardGradient(3, engine=engine, seed=9)
     m = copy.deepcopy(model)
     acc.fill_grad(m, loss_fn, accumulate=True)  # no grad yet: sets it
-    for p, a in zip(m.parameters(), first):
+    for p, a in zip(m.parameters(), first, strict=False):
         torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
     acc.fill_grad(m, loss_fn, accumulate=True)
-    for p, a, b in zip(m.parameters(), first, second):
+    for p, a, b in zip(m.parameters(), first, second, strict=False):
         torch.testing.assert_close(p.grad, a + b, rtol=1e-14, atol=1e-16)
 
 
@@ -194,10 +194,10 @@ def test_same_seed_same_sequence_different_seed_differs(kind, angle, engine):
     torch.manual_seed(1)  # the global RNG does not matter, only the seed
     b = run(5)
     c = run(6)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=False):
         assert torch.equal(u, v)
     assert not torch.equal(a[0], a[1])  # every call draws new tangents
-    assert all(not torch.allclose(u, w) for u, w in zip(a, c))
+    assert all(not torch.allclose(u, w) for u, w in zip(a, c, strict=False))
 
 
 def test_state_dict_resumes_tangent_sequence():
@@ -211,7 +211,7 @@ def test_state_dict_resumes_tangent_sequence():
     resumed.load_state_dict(copy.deepcopy(state))
     assert resumed.state_dict() == state
     got = [resumed.grad(quartic, x) for _ in range(2)]
-    for u, v in zip(expected, got):
+    for u, v in zip(expected, got, strict=False):
         assert torch.equal(u, v)
     # a fresh estimator with the same seed but no state starts over, so it differs
     assert not torch.equal(frog.ForwardGradient(2, seed=11).grad(quartic, x), expected[0])
@@ -231,8 +231,8 @@ def test_optimization_styblinski_tang():
     f = frog.get_function("styblinski-tang")
     start = f.start(n, F64)
     x_frog, v_frog = descend(frog.ForwardGradient(16, "project", seed=0), f, start, 0.01, 300)
-    x_mean, v_mean = descend(frog.ForwardGradient(16, "mean", seed=0), f, start, 0.01, 300)
-    x_few, v_few = descend(frog.ForwardGradient(4, "project", seed=0), f, start, 0.01, 300)
+    _x_mean, v_mean = descend(frog.ForwardGradient(16, "mean", seed=0), f, start, 0.01, 300)
+    _x_few, v_few = descend(frog.ForwardGradient(4, "project", seed=0), f, start, 0.01, 300)
     assert v_frog[-1] < v_frog[0] and v_mean[-1] < v_mean[0] and v_few[-1] < v_few[0]
     # k = n frog is gradient descent: it reaches a stationary point, a local minimum of the
     # separable function, i.e. every coordinate at one of the two 1-d minima

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import autograd_grad
 from hypothesis import given
 from hypothesis import strategies as st
 
 import frog
-from conftest import autograd_grad
 
 F64 = torch.float64
 NAMES = ["sphere", "rosenbrock", "styblinski-tang"]

@@ -62,7 +62,7 @@ def batch_statistics(model: nn.Module):
     try:
         yield
     finally:
-        for m, s in zip(norms, saved):
+        for m, s in zip(norms, saved, strict=False):
             m.track_running_stats = s
 
 
@@ -96,7 +96,7 @@ def test_shapes_and_blocks_chain_to_the_model(name, shape):
     assert len(outs) == len(list(model.children())) == len(EXPECTED_NAMES[name])
     for o in outs:
         assert isinstance(o, torch.Tensor) and o.shape[0] == BATCH
-    c, h, w = shape
+    _c, h, w = shape
     if name == "fc":
         assert [o.shape[1:] for o in outs] == [(FC_WIDTH,), (FC_WIDTH,), (7,)]
     elif name == "conv":
@@ -105,7 +105,7 @@ def test_shapes_and_blocks_chain_to_the_model(name, shape):
         assert outs[2].shape[1:] == (128,)
     elif name == "resnet18":
         assert [o.shape[1] for o in outs[:5]] == [64, 64, 128, 256, 512]
-        size = lambda n, k, s, p: (n + 2 * p - k) // s + 1  # noqa: E731
+        size = lambda n, k, s, p: (n + 2 * p - k) // s + 1
         hs = size(size(h, 7, 2, 3), 3, 2, 1)
         assert outs[0].shape[2] == outs[1].shape[2] == hs
         for o in outs[2:5]:
@@ -132,7 +132,7 @@ def test_blocks_keep_no_state_but_batchnorm_buffers(name):
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert all(k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked") for k in changed)
     assert bool(changed) == has_batchnorm(model)
-    assert not list(model.parameters())[0].grad
+    assert not next(iter(model.parameters())).grad
 
 
 def test_fc_layers():
@@ -155,8 +155,8 @@ def test_conv_flatten_size(h, flat):
 
 def resnet18_reference_count(in_channels: int, num_classes: int) -> int:
     """Parameters of torchvision's resnet18 by its layer formula (convs without bias, BN: 2 per channel)."""
-    conv = lambda cin, cout, k: cin * cout * k * k  # noqa: E731
-    bn = lambda c: 2 * c  # noqa: E731
+    conv = lambda cin, cout, k: cin * cout * k * k
+    bn = lambda c: 2 * c
     total = conv(in_channels, 64, 7) + bn(64)
     cin = 64
     for cout in (64, 128, 256, 512):
@@ -169,7 +169,7 @@ def resnet18_reference_count(in_channels: int, num_classes: int) -> int:
 
 
 def test_resnet18_parameter_count():
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     # torchvision.models.resnet18(num_classes=1000) has 11,689,512 parameters
     assert resnet18_reference_count(3, 1000) == 11_689_512
     assert resnet18_reference_count(3, 10) == 11_181_642
@@ -185,7 +185,7 @@ def test_resnet18_structure_and_init():
     assert (stem_conv.kernel_size, stem_conv.stride, stem_conv.padding) == ((7, 7), (2, 2), (3, 3))
     pool = model.stem[3]
     assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
-    for i, stride in zip(range(1, 5), (1, 2, 2, 2)):
+    for i, stride in zip(range(1, 5), (1, 2, 2, 2), strict=False):
         first, second = getattr(model, f"layer{i}")
         assert first.conv1.stride == (stride, stride)
         assert (first.downsample is None) == (i == 1)
@@ -283,7 +283,7 @@ def test_parameter_jvp_under_vmap_matches_autograd(name, shape, mode):
         values, jvps = vmap(lambda t: jvp(loss, (params,), (t,)))(tangents)
         reference = loss({k: p.requires_grad_(True) for k, p in model.named_parameters()})
         grads = torch.autograd.grad(reference, list(model.parameters()))
-    expected = torch.stack([sum((g * tangents[k][i]).sum() for k, g in zip(params, grads)) for i in range(K)])
+    expected = torch.stack([sum((g * tangents[k][i]).sum() for k, g in zip(params, grads, strict=False)) for i in range(K)])
     torch.testing.assert_close(values, reference.detach().expand(K), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(jvps, expected, rtol=1e-8, atol=1e-10)
     assert all(torch.equal(b, saved[k]) for k, b in model.named_buffers())  # running stats untouched
@@ -331,7 +331,7 @@ def test_activity_jvp_under_vmap_matches_autograd(name, shape, mode):
         for h in handles:
             h.remove()
     assert len(outputs) == len(shapes)
-    expected = torch.stack([sum((o.grad * t[i]).sum() for o, t in zip(outputs, tangents)) for i in range(K)])
+    expected = torch.stack([sum((o.grad * t[i]).sum() for o, t in zip(outputs, tangents, strict=False)) for i in range(K)])
     torch.testing.assert_close(values, reference.detach().expand(K), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(jvps, expected, rtol=1e-8, atol=1e-10)
 

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import KINDS_AND_ANGLES, gen
 from hypothesis import given
 from hypothesis import strategies as st
 
 import frog
-from conftest import KINDS_AND_ANGLES, gen
 
 ALL_KINDS = [kind for kind, _ in KINDS_AND_ANGLES]
 
@@ -165,7 +165,7 @@ MIXED_SHAPES = [(64, 80), (3,)]  # a block drawn row by row (>= SMALL_BLOCK entr
 @pytest.mark.parametrize("shapes", [SHAPES, MIXED_SHAPES])
 def test_plan_regenerates_blocks_and_rows(kind, cache, shapes):
     assert math.prod(MIXED_SHAPES[0]) >= frog.tangents.SMALL_BLOCK > math.prod(SHAPES[0])
-    make = lambda **kw: frog.TangentPlan(kind, 4, shapes, seed=0, step=0, dtype=torch.float64,  # noqa: E731
+    make = lambda **kw: frog.TangentPlan(kind, 4, shapes, seed=0, step=0, dtype=torch.float64,
                                          angle=45.0 if kind == "angle" else None, **kw)
     plan = make(cache=cache)
     fresh = make()

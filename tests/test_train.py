@@ -53,7 +53,7 @@ def test_activity_frog_with_k_equal_activity_dimension_is_backprop(engine):
     with torch.no_grad():
         assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(model(x), y)), rel=1e-12)
     tol = 1e-6 if engine == "fd" else 1e-10
-    for g, t in zip(grads, true):
+    for g, t in zip(grads, true, strict=False):
         torch.testing.assert_close(g, t, rtol=tol, atol=tol)
 
 
@@ -77,9 +77,9 @@ def test_activity_estimate_matches_explicit_projection():
     projected = (tangents.T @ coeffs).T / 6  # (B, 8), the mean loss
     splits = projected.split([3, 3, 2], dim=1)
     expected = []
-    for block, h, g in zip(model, outputs, splits):
+    for block, h, g in zip(model, outputs, splits, strict=False):
         expected += torch.autograd.grad(h, list(block.parameters()), g, retain_graph=True)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -93,7 +93,7 @@ def test_activity_engines_agree_on_networks(model_name):
         fg = frog.ForwardGradient(4, "project", engine=engine, seed=11, perturbation="activity")
         grads[engine] = estimated_grads(model, fg, per_sample_ce(x, y))[1]
     for engine in ("jvp", "loop"):
-        for a, b in zip(grads[engine], grads["sim"]):
+        for a, b in zip(grads[engine], grads["sim"], strict=False):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
@@ -106,7 +106,7 @@ def test_activity_batchnorm_statistics_updated_once(engine):
     with torch.no_grad():
         reference(x)
     frog.ForwardGradient(4, engine=engine, perturbation="activity").fill_grad(model, per_sample_ce(x, y))
-    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+    for (name, a), b in zip(model.named_buffers(), reference.buffers(), strict=False):
         torch.testing.assert_close(a, b, msg=name)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -146,7 +146,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     saved["config"]["epochs"] = 3  # the interrupted run was asked for 3 epochs
     (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
     resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(resumed) == drop(straight)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -307,7 +308,7 @@ def _locate(name: str, folder: Path) -> list[Path]:
         found = [_find_file(cand, s, allow_gz=name != "cifar10") for s in stems]
         if all(f is not None for f in found):
             return found  # type: ignore[return-value]
-        missing = [s for s, f in zip(stems, found) if f is None]
+        missing = [s for s, f in zip(stems, found, strict=False) if f is None]
         if best is None or len(missing) < len(best[1]):
             best = (cand, missing)
     assert best is not None  # folder itself is a directory
@@ -401,7 +402,7 @@ def _load_idx_dataset(name: str, folder: Path, split_seed: int) -> Dataset:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays: a data file cannot run code."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.numeric", "_frombuffer"),
@@ -409,9 +410,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-    }
+    })
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+    def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
@@ -422,7 +423,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     raw = _read_bytes(path)
     try:
         batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as e:  # noqa: BLE001 - any failure means a malformed file
+    except Exception as e:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (pickle): {type(e).__name__}: {e}") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path} is not a CIFAR-10 python batch: holds a {type(batch).__name__}, not a dict")
@@ -460,7 +461,7 @@ def _download(name: str, folder: Path) -> None:
     """Fetch ``name`` into ``folder`` with torchvision (its layout, which the loaders accept)."""
     try:
         import torchvision.datasets as tvd
-    except Exception as e:  # noqa: BLE001 - ImportError, or a torchvision built for another torch
+    except Exception as e:
         raise ValueError(
             f"download=True needs a working torchvision ({type(e).__name__}: {e}); "
             f"or place {_expected_text(name)} in {folder} yourself"
@@ -470,5 +471,5 @@ def _download(name: str, folder: Path) -> None:
     for train in (True, False):
         try:
             cls(root=str(folder), train=train, download=True)
-        except Exception as e:  # noqa: BLE001 - network and archive errors alike
+        except Exception as e:
             raise ValueError(f"downloading {_LABELS[name]} into {folder} failed: {e}") from e

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+
 import torch
 import torch.distributed as dist
 
@@ -37,10 +38,10 @@ def init_from_environment(device: str, timeout_seconds: float) -> None:
         raise ValueError("--distributed needs a launcher: run `torchrun --nproc_per_node=N -m frog train ...`")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds))
-    except Exception as error:  # noqa: BLE001 - torch raises several types here
+    except Exception as error:
         raise DistributedError(f"could not join the process group within {timeout_seconds:g} s: {error}") from error
 
 
@@ -83,7 +84,7 @@ class Communicator:
             pieces = [torch.empty_like(padded) for _ in range(self.world)]
             self._guard(lambda: dist.all_gather(pieces, padded, group=self.group))
             self.bytes_sent += jvps.numel() * jvps.element_size() * (self.world - 1)
-            return torch.cat([piece[: len(share)] for piece, share in zip(pieces, shares)])
+            return torch.cat([piece[: len(share)] for piece, share in zip(pieces, shares, strict=False)])
         if jvps.dim() == 1:
             return self.all_reduce_mean(jvps)
         return jvps
@@ -120,7 +121,7 @@ class Communicator:
             collective()
         except DistributedError:
             raise
-        except Exception as error:  # noqa: BLE001 - gloo/nccl raise RuntimeError and friends
+        except Exception as error:
             raise DistributedError(
                 f"rank {self.rank}: a collective failed ({str(error).splitlines()[0]}); another rank died, "
                 "hung past --dist-timeout, or was started with other settings"

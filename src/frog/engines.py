@@ -125,7 +125,7 @@ class JvpEngine(Engine):
         chunks = [rows] if size == len(wanted) else [wanted[i:i + size] for i in range(0, len(wanted), size)]
 
         def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return jvp(fn, (primals,), (dict(zip(names, blocks)),))
+            return jvp(fn, (primals,), (dict(zip(names, blocks, strict=False)),))
 
         parts = []
         for chunk in chunks:
@@ -210,7 +210,7 @@ class FiniteDifferenceEngine(Engine):
             for i in range(plan.num_tangents) if rows is None else rows:
                 raw = [plan.block(b, [i]) for b in range(len(names))]
                 norm = torch.sqrt(sum(r.double().square().sum() for r in raw))
-                row = {name: shaped_like(r, primals[name])[0] for name, r in zip(names, raw)}
+                row = {name: shaped_like(r, primals[name])[0] for name, r in zip(names, raw, strict=False)}
                 h = self.step / norm
                 replay.reset()
                 plus = fn({name: primals[name] + (h * t).to(t.dtype) for name, t in row.items()})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -14,12 +13,19 @@ from torch.func import functional_call
 
 from .activity import blocks_of, local_graphs, perturbed
 from .aggregation import check_method, coefficients, combine, scale_correction
-from .engines import (DEFAULT_TANGENT_BUDGET_MB, Function, budget_bytes, check_scalar,
-                      explained_forward_mode_errors, jvps_from_gradients, make_engine, rows_within)
 from .distributed import Communicator
+from .engines import (
+    DEFAULT_TANGENT_BUDGET_MB,
+    Function,
+    budget_bytes,
+    check_scalar,
+    explained_forward_mode_errors,
+    jvps_from_gradients,
+    make_engine,
+    rows_within,
+)
 from .errors import NonFiniteError
 from .tangents import TangentPlan, check_kind, mean_squared_norm
-
 
 PERTURBATIONS = ("weight", "activity")
 
@@ -322,7 +328,7 @@ class ForwardGradient:
         output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
         names = list(params)
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
-        estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+        estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
         return losses.detach().mean(), estimates
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 Row = dict[str, object]
 
@@ -28,14 +28,14 @@ def plot_approximation(rows: Sequence[Row], path: Path) -> Path:
     for row in rows:
         groups[(int(row["n"]), str(row.get("angle") or ""))].append(row)
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
-    for (n, angle), group in zip(groups, axes):
+    for (n, angle), group in zip(groups, axes, strict=False):
         lines: dict[str, list[Row]] = defaultdict(list)
         for row in groups[(n, angle)]:
             lines[_label(row)].append(row)
         for label, points in lines.items():
             points.sort(key=lambda r: int(r["k"]))
             ks = [int(r["k"]) for r in points]
-            for ax, metric in zip(group, ("cosine", "norm_ratio")):
+            for ax, metric in zip(group, ("cosine", "norm_ratio"), strict=False):
                 mean = [float(r[f"{metric}_mean"]) for r in points]
                 ci = [float(r[f"{metric}_ci"]) for r in points]
                 ax.errorbar(ks, mean, yerr=ci, marker="o", ms=3, capsize=2, label=label)
@@ -54,7 +54,7 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
     (Fig. 4). Styblinski-Tang is divided by n; the others are on a log scale."""
     functions = sorted({str(r["function"]) for r in summary})
     fig, axes = plt.subplots(1, len(functions), figsize=(5.5 * len(functions), 4), squeeze=False)
-    for function, ax in zip(functions, axes[0]):
+    for function, ax in zip(functions, axes[0], strict=False):
         lines: dict[str, list[Row]] = defaultdict(list)
         for row in summary:
             if row["function"] == function:
@@ -66,7 +66,7 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
             dims = [int(r["n"]) for r in points]
             values = [float(r["best_mean"]) for r in points]
             if function == "styblinski-tang":
-                values = [v / n for v, n in zip(values, dims)]
+                values = [v / n for v, n in zip(values, dims, strict=False)]
             ax.plot(dims, values, marker="o", ms=3, label=label)
         ax.set_xscale("log", base=2)
         if function == "styblinski-tang":

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .distributed import Communicator
 from .data import DATASETS, Dataset, Split, batches, load_dataset
+from .distributed import Communicator
 from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from .errors import NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient

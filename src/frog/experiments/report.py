@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,19 +52,19 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
     ks = sorted({int(r["k"]) for r in approx if int(r["n"]) == 64})
     frog_cos = [float(_approx(approx, "frog", k)["cosine_mean"]) for k in ks]
     mean_cos = [float(_approx(approx, "mean", k)["cosine_mean"]) for k in ks]
-    monotone = all(b >= a - 1e-9 for a, b in zip(frog_cos, frog_cos[1:])) and all(
-        b >= a - 0.01 for a, b in zip(mean_cos, mean_cos[1:]))
+    monotone = all(b >= a - 1e-9 for a, b in itertools.pairwise(frog_cos)) and all(
+        b >= a - 0.01 for a, b in itertools.pairwise(mean_cos))
     out.append(("The approximation (cosine similarity) improves with k.", monotone,
-                f"n = 64: frog {frog_cos[0]:.3f} -> {frog_cos[-1]:.3f}, mean {mean_cos[0]:.3f} -> {mean_cos[-1]:.3f} "
-                f"for k = {ks[0]} -> {ks[-1]}"))
+                (f"n = 64: frog {frog_cos[0]:.3f} -> {frog_cos[-1]:.3f}, mean {mean_cos[0]:.3f} -> {mean_cos[-1]:.3f} "
+                f"for k = {ks[0]} -> {ks[-1]}")))
     beaten = [k for k in ks if 1 < k and float(_approx(approx, "frog", k)["cosine_mean"]) + 1e-12
               < max(float(_approx(approx, m, k, z)["cosine_mean"]) for m in ("mean", "sum") for z in (False, True))]
     exact = _approx(approx, "frog", 64)
     exact_ok = exact is not None and float(exact["cosine_mean"]) > 0.99999 and abs(float(exact["norm_ratio_mean"]) - 1) < 1e-4
     out.append(("frog is better than the conical combinations (sum, mean) and exact at k = n.",
                 not beaten and exact_ok,
-                f"frog's cosine >= every conical combination at each k > 1 (exceptions: {beaten or 'none'}); "
-                f"at k = n = 64: cosine {float(exact['cosine_mean']):.7f}, norm ratio {float(exact['norm_ratio_mean']):.7f}"))
+                (f"frog's cosine >= every conical combination at each k > 1 (exceptions: {beaten or 'none'}); "
+                f"at k = n = 64: cosine {float(exact['cosine_mean']):.7f}, norm ratio {float(exact['norm_ratio_mean']):.7f}")))
     small, right = "15.0", "90.0"
     frog_small, frog_right = _approx(angles, "frog", 16, angle=small), _approx(angles, "frog", 16, angle=right)
     mean_small, mean_right = _approx(angles, "mean", 16, angle=small), _approx(angles, "mean", 16, angle=right)
@@ -73,9 +74,9 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
         degrades = float(mean_small["cosine_mean"]) < float(mean_right["cosine_mean"]) - float(mean_right["cosine_ci"])
         out.append(("frog stays accurate when tangents are nearly parallel, where the mean degrades.",
                     stable and degrades,
-                    f"k = 16, n = 64: frog cosine {float(frog_small['cosine_mean']):.3f} at 15 deg vs "
+                    (f"k = 16, n = 64: frog cosine {float(frog_small['cosine_mean']):.3f} at 15 deg vs "
                     f"{float(frog_right['cosine_mean']):.3f} at 90 deg; mean {float(mean_small['cosine_mean']):.3f} vs "
-                    f"{float(mean_right['cosine_mean']):.3f}"))
+                    f"{float(mean_right['cosine_mean']):.3f}")))
     fg_ks = sorted({int(r["k"]) for r in summary if r["method"] == "fg-mean"})
     cells = sorted({(str(r["function"]), int(r["n"])) for r in summary})
     if len(fg_ks) > 1:
@@ -83,18 +84,18 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
                    for f, n in cells]
         wins, ties, losses = results.count(-1), results.count(0), results.count(1)
         out.append(("In optimization more tangents help.", wins >= losses and wins > 0,
-                    f"fg-mean k = {fg_ks[-1]} vs k = {fg_ks[0]} over {len(cells)} (function, n): "
-                    f"{wins} lower, {ties} equal, {losses} higher best value"))
+                    (f"fg-mean k = {fg_ks[-1]} vs k = {fg_ks[0]} over {len(cells)} (function, n): "
+                    f"{wins} lower, {ties} equal, {losses} higher best value")))
     pairs = [(f, n, k) for f, n in cells for k in fg_ks if _best(summary, f, n, "frog", k) is not None]
     if pairs:
         results = [_compare(_best(summary, f, n, "frog", k), _best(summary, f, n, "fg-mean", k)) for f, n, k in pairs]
         wins, ties, losses = results.count(-1), results.count(0), results.count(1)
         dims = sorted({n for _, n, _ in pairs})
-        large = [r for (f, n, k), r in zip(pairs, results) if n == dims[-1]]
+        large = [r for (f, n, k), r in zip(pairs, results, strict=False) if n == dims[-1]]
         verdict = "yes" if wins > losses and wins >= ties else ("partly" if wins > losses else False)
         out.append(("frog beats the mean at equal k, most in high dimension.", verdict,
-                    f"frog vs fg-mean over {len(pairs)} (function, n, k): {wins} lower, {ties} equal, {losses} higher; "
-                    f"at n = {dims[-1]}: {large.count(-1)} lower, {large.count(0)} equal, {large.count(1)} higher"))
+                    (f"frog vs fg-mean over {len(pairs)} (function, n, k): {wins} lower, {ties} equal, {losses} higher; "
+                    f"at n = {dims[-1]}: {large.count(-1)} lower, {large.count(0)} equal, {large.count(1)} higher")))
     return out
 
 
@@ -121,7 +122,7 @@ def network_claims(networks: Sequence[Row]) -> list[tuple[str, bool, str]]:
         if len(widths) > 1:
             series = [gaps[(dataset, w)] for w in widths]
             out.append((f"The gap grows with model size ({dataset}).", series[-1] > series[0],
-                        ", ".join(f"width {w}: {g:+.3f}" for w, g in zip(widths, series))))
+                        ", ".join(f"width {w}: {g:+.3f}" for w, g in zip(widths, series, strict=False))))
     return out
 
 
@@ -150,8 +151,8 @@ def write_report(
         lines.append(f"| {k} | {_cell(frog, 'cosine')} | {_cell(mean, 'cosine')} | {_cell(unit, 'cosine')} | "
                      f"{_cell(frog, 'norm_ratio')} | {_cell(mean, 'norm_ratio')} |")
     lines += ["", "## Tangents at a fixed angle (Fig. 5), n = 64", "", "![angles](angles/approximation.png)", "",
-              "| angle | frog cos k=16 | mean cos k=16 | frog cos k=64 | mean cos k=64 | ST best/n fg-mean k=16 | "
-              "ST best/n frog k=16 |", "|---|---|---|---|---|---|---|"]
+              ("| angle | frog cos k=16 | mean cos k=16 | frog cos k=64 | mean cos k=64 | ST best/n fg-mean k=16 | "
+              "ST best/n frog k=16 |"), "|---|---|---|---|---|---|---|"]
     for angle in sorted({str(r["angle"]) for r in angles}, key=float):
         cells = [_cell(_approx(angles, m, k, angle=angle), "cosine") for k in (16, 64) for m in ("frog", "mean")]
         best = [_best(angle_summary, "styblinski-tang", 64, m, 16, angle) for m in ("fg-mean", "frog")]
