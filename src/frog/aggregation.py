@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .tangents import gram_of
+from .layouts import combine, gram_of
 
 METHODS = ("sum", "mean", "project")
 
@@ -28,11 +28,6 @@ def check_method(method: str) -> None:
     """Raise ValueError for an unknown aggregation name."""
     if method not in METHODS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def combine(tangents: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """V^T c: tangents (k, *shape) and coefficients (k,) or (k, B) -> (*shape) or (*shape, B)."""
-    return torch.tensordot(tangents, coefficients.to(tangents.dtype), dims=([0], [0]))
 
 
 def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:

@@ -115,7 +115,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from .train import TRAIN_SAMPLERS, TrainConfig
 
     d = TrainConfig()
     p = commands.add_parser("train", help="train a network with backprop or forward gradients (paper Sec. 4.4-4.5)")
@@ -127,6 +127,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tangents", "-k", type=int, default=d.tangents)
     p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers, autograd) or fd")
     p.add_argument("--perturbation", default=d.perturbation, help="activity (as the paper) or weight")
+    p.add_argument("--sampler", default=d.sampler, choices=list(TRAIN_SAMPLERS),
+                   help="tangents: normal (default), rademacher, or with --perturbation weight the structured "
+                        "lowrank (U V^T / sqrt(rank) per weight matrix) and input-span (right factors in the span "
+                        "of each layer's inputs)")
+    p.add_argument("--rank", type=int, default=d.rank, help="rank r of lowrank / input-span tangents")
     p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping on the validation loss")
@@ -151,7 +156,8 @@ def _train(args: argparse.Namespace) -> None:
 
     config = TrainConfig(
         model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir, gradient=args.gradient,
-        tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, lr=args.lr,
+        tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, sampler=args.sampler,
+        rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb,
     )

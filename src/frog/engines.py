@@ -22,14 +22,17 @@ budget); a plan that keeps them holds k x n for the whole step, whatever the eng
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.func import jvp, vmap
 
+from . import layers
 from .errors import ForwardModeError
 from .tangents import TangentPlan
 
@@ -77,13 +80,64 @@ def shaped_like(rows: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     return rows.unsqueeze(1).expand(rows.shape[0], *primal.shape)
 
 
-def _rows(plan: TangentPlan, names: list[str], row: int, primals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Raw tangent ``row`` of every block, as a dict shaped like the primals."""
-    return {name: shaped_like(plan.block(b, [row]), primals[name])[0] for b, name in enumerate(names)}
-
-
 def _device(primals: dict[str, torch.Tensor]) -> torch.device:
     return next(iter(primals.values())).device
+
+
+Users = Mapping[str, Sequence[nn.Module]]  # primal name -> the known modules using it as their weight
+
+
+class Split:
+    """The primals of one engine call, split by how their tangents enter.
+
+    ``routes``: factored blocks whose every use is a known module (:mod:`frog.layers`): their weights
+    stay constant and hooks add each layer's change along the factored tangent; ``free``: all other
+    blocks, whose (dense) tangents enter the function directly.
+    """
+
+    def __init__(self, primals: dict[str, torch.Tensor], plan: TangentPlan, users: Users | None) -> None:
+        self.names = list(primals)
+        users = users or {}
+        self.routes = {b: (users[name], plan.layouts[b]) for b, name in enumerate(self.names)
+                       if plan.layouts[b].factored and users.get(name)}
+        self.free = [b for b in range(len(self.names)) if b not in self.routes]
+        self.constants = {self.names[b]: primals[self.names[b]] for b in self.routes}
+        self.bases: dict[int, torch.Tensor] = {}  # input-span blocks: the basis found while the layer ran
+
+    def tangent_size(self, plan: TangentPlan) -> int:
+        """Entries of one tangent as the forward-mode engines hold it: packed factors for routed blocks,
+        dense for the rest."""
+        return sum(math.prod(plan.layouts[b].stored) if b in self.routes else math.prod(plan.shapes[b])
+                   for b in range(len(self.names)))
+
+    def set_bases(self, plan: TangentPlan, bases: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Give the plan the basis of every input-span block (found in this call)."""
+        for b, basis in (self.bases if bases is None else bases).items():
+            plan.set_basis(b, basis)
+
+    def forward_mode(self, fn: Function) -> Callable:
+        """fn as a function of (free primals, packed-factor markers) for torch.func.jvp(has_aux=True):
+        returns (value, bases found). The markers are zeros whose tangents carry the packed factors."""
+
+        def run(free: dict[str, torch.Tensor], markers: dict[int, torch.Tensor]):
+            bases: dict[int, torch.Tensor] = {}
+            with layers.tangent_hooks(self.routes, markers, bases):
+                value = fn({**self.constants, **free})
+            return value, bases
+
+        return run
+
+    def primal_args(self, primals: dict[str, torch.Tensor], plan: TangentPlan) -> tuple[dict, dict]:
+        """(free primals, zero markers) for :meth:`forward_mode`."""
+        free = {self.names[b]: primals[self.names[b]] for b in self.free}
+        markers = {b: primals[self.names[b]].new_zeros(plan.layouts[b].stored) for b in self.routes}
+        return free, markers
+
+    def tangent_args(self, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int]) -> tuple[dict, dict]:
+        """The tangents ``rows`` of every block: (free blocks dense, (r, *shape)), routed blocks packed)."""
+        free = {self.names[b]: shaped_like(plan.dense(b, rows), primals[self.names[b]]) for b in self.free}
+        markers = {b: plan.block(b, rows).to(primals[self.names[b]].dtype) for b in self.routes}
+        return free, markers
 
 
 class Engine(ABC):
@@ -94,22 +148,26 @@ class Engine(ABC):
 
     @abstractmethod
     def __call__(
-        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int] | None = None
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int] | None = None,
+        users: Users | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (value, jvps) of ``fn`` at ``primals`` along the plan's raw tangents ``rows``
         (default all k; a distributed rank computes its share).
 
         value: fn's output, () or (B,); jvps: (len(rows), *value.shape). Primals with a leading batch
         dimension beyond their block's shape share one tangent across the batch (:func:`shaped_like`).
+        ``users`` (primal name -> known modules that use it as their weight) lets factored blocks
+        reach the jvps through those modules without dense tangents (:mod:`frog.layers`).
         """
 
 
 class JvpEngine(Engine):
     """All k jvps in one ``vmap(jvp)`` pass; the unbatched primal is computed once.
 
-    When the k x n tangents would take more than ``budget_mb`` megabytes, the rows are split into
-    chunks that fit, one pass per chunk (the primal is then computed once per chunk, and the
-    tangents are generated again for the Gram matrix and the estimate instead of being kept).
+    When the k tangents (as held: dense, or packed factors for routed blocks) would take more than
+    ``budget_mb`` megabytes, the rows are split into chunks that fit, one pass per chunk (the primal
+    is then computed once per chunk, and the tangents are generated again for the Gram matrix and
+    the estimate instead of being kept).
     """
 
     name = "jvp"
@@ -117,22 +175,24 @@ class JvpEngine(Engine):
     def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
         self.budget_bytes = budget_bytes(budget_mb)
 
-    def __call__(self, fn, primals, plan, rows=None):
-        names = list(primals)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
         itemsize = next(iter(primals.values())).element_size()
-        size = rows_within(self.budget_bytes, len(wanted), plan.dimension, itemsize)
-        chunks = [rows] if size == len(wanted) else [wanted[i:i + size] for i in range(0, len(wanted), size)]
+        size = rows_within(self.budget_bytes, len(wanted), split.tangent_size(plan), itemsize)
+        chunks = [wanted[i:i + size] for i in range(0, len(wanted), size)]
+        run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
 
-        def one_tangent(*blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return jvp(fn, (primals,), (dict(zip(names, blocks, strict=False)),))
+        def one_tangent(free: dict, markers: dict):
+            return jvp(run, primal_args, (free, markers), has_aux=True)
 
         parts = []
         for chunk in chunks:
-            tangents = [shaped_like(plan.block(b, chunk), primals[name]) for b, name in enumerate(names)]
-            values, jvps = vmap(one_tangent, randomness="same")(*tangents)
+            tangents = split.tangent_args(primals, plan, chunk)
+            values, jvps, bases = vmap(one_tangent, randomness="same")(*tangents)
             del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
             parts.append(jvps)
+        split.set_bases(plan, {b: basis[0] for b, basis in bases.items()})
         return values[0], parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -141,14 +201,18 @@ class LoopEngine(Engine):
 
     name = "loop"
 
-    def __call__(self, fn, primals, plan, rows=None):
-        names = list(primals)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
+        run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
         replay = RngReplay(_device(primals))
         jvps = []
         for i in range(plan.num_tangents) if rows is None else rows:
             replay.reset()
-            value, derivative = jvp(fn, (primals,), (_rows(plan, names, i, primals),))
+            free, markers = split.tangent_args(primals, plan, [i])
+            value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
+                                                              {b: t[0] for b, t in markers.items()}), has_aux=True)
             jvps.append(derivative)
+        split.set_bases(plan, bases)
         return value, torch.stack(jvps)
 
 
@@ -157,21 +221,43 @@ class SimEngine(Engine):
 
     For per-sample outputs (B,) with batched primals, g is the gradient of their sum at each
     sample's position, so d[:, i] = W g_i: the jvps of output i when samples do not interact
-    (true unless e.g. BatchNorm in train mode couples them).
+    (true unless e.g. BatchNorm in train mode couples them). Factored blocks give
+    d_i = sum_r u_ir^T g v_ir / sqrt(r) from the factors.
     """
 
     name = "sim"
     single_pass = True
 
-    def __call__(self, fn, primals, plan, rows=None):
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), layers.basis_hooks(split.routes, split.bases):
             value = fn(leaves)
             if value.requires_grad:
                 grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
             else:  # fn does not depend on the primals
                 grads = (None,) * len(leaves)
+        split.set_bases(plan)
         return value.detach(), jvps_from_gradients(plan, grads, value, rows)
+
+    def chained(self, losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                plan: TangentPlan, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Activity perturbation on a chain of blocks, in the pass that computed ``losses`` (B,): the
+        activity gradients by chaining block-local backward products (:func:`chained_gradients`),
+        then the per-sample jvps (len(rows), B) along the block-output tangents of ``plan``."""
+        return jvps_from_gradients(plan, chained_gradients(losses, inputs, outputs), losses.detach(), rows)
+
+
+def chained_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d(sum of losses)/dh_b for each block output h_b (B, ...), by chaining block-local products
+    backwards: g_last from the loss, then g_{b-1} = (dh_b/dh_{b-1})^T g_b through block b alone."""
+    grads = [torch.empty(0)] * len(outputs)
+    (grad,) = torch.autograd.grad(losses.sum(), outputs[-1], retain_graph=True)
+    for b in range(len(outputs) - 1, -1, -1):
+        grads[b] = grad
+        if b > 0:
+            (grad,) = torch.autograd.grad(outputs[b], inputs[b], grad, retain_graph=True)
+    return grads
 
 
 def jvps_from_gradients(
@@ -183,8 +269,7 @@ def jvps_from_gradients(
     jvps = torch.zeros(k, *value.shape, dtype=value.dtype, device=value.device)
     for b, grad in enumerate(grads):
         if grad is not None:
-            per_sample = grad.reshape(value.numel(), -1).T  # (m, 1) or, for B outputs, (m, B)
-            jvps += (plan.block(b, rows).reshape(k, -1).to(grad.dtype) @ per_sample).reshape(jvps.shape)
+            jvps += plan.inner(b, grad, value.numel(), rows).reshape(jvps.shape).to(jvps.dtype)
     return jvps
 
 
@@ -192,6 +277,7 @@ class FiniteDifferenceEngine(Engine):
     """Central differences d_i = |w_i| (f(x + h u_i) - f(x - h u_i)) / (2h), u_i = w_i / |w_i|.
 
     ``step`` is h, the length of the step in parameter space; the truncation error is O(h^2).
+    Routed factored blocks move by their layers' outputs (exact: those layers are linear in their weight).
     """
 
     name = "fd"
@@ -201,23 +287,31 @@ class FiniteDifferenceEngine(Engine):
             raise ValueError(f"fd_step must be > 0, got {step}")
         self.step = float(step)
 
-    def __call__(self, fn, primals, plan, rows=None):
-        names = list(primals)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         replay = RngReplay(_device(primals))
         with torch.no_grad():
-            value = fn(primals)
+            with layers.basis_hooks(split.routes, split.bases):
+                value = fn(primals)
+            split.set_bases(plan)
             jvps = []
             for i in range(plan.num_tangents) if rows is None else rows:
-                raw = [plan.block(b, [i]) for b in range(len(names))]
-                norm = torch.sqrt(sum(r.double().square().sum() for r in raw))
-                row = {name: shaped_like(r, primals[name])[0] for name, r in zip(names, raw, strict=False)}
+                norm = torch.sqrt(sum(plan.layouts[b].squared_norms(plan.block(b, [i]))[0] for b in range(len(plan.shapes))))
                 h = self.step / norm
-                replay.reset()
-                plus = fn({name: primals[name] + (h * t).to(t.dtype) for name, t in row.items()})
-                replay.reset()
-                minus = fn({name: primals[name] - (h * t).to(t.dtype) for name, t in row.items()})
-                jvps.append(((plus.double() - minus.double()) / (2 * h)).to(value.dtype))
+                free, packed = split.tangent_args(primals, plan, [i])
+                moved = [_moved(fn, primals, split, free, packed, sign * h, replay) for sign in (1.0, -1.0)]
+                jvps.append(((moved[0].double() - moved[1].double()) / (2 * h)).to(value.dtype))
         return value, torch.stack(jvps)
+
+
+def _moved(fn: Function, primals: dict[str, torch.Tensor], split: Split, free: dict[str, torch.Tensor],
+           packed: dict[int, torch.Tensor], step: torch.Tensor, replay: RngReplay) -> torch.Tensor:
+    """fn at the primals moved by ``step`` times one tangent (``free``: dense rows (1, ...); ``packed``:
+    routed factors (1, r, m + n)), with the random numbers of the unmoved pass."""
+    replay.reset()
+    shifted = {name: primals[name] + (step * t[0]).to(t.dtype) for name, t in free.items()}
+    with layers.shift_hooks(split.routes, {b: t[0] for b, t in packed.items()}, split.bases, float(step)):
+        return fn({**split.constants, **shifted})
 
 
 def check_scalar(value: torch.Tensor) -> torch.Tensor:

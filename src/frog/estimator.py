@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -11,21 +12,23 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from . import layers
 from .activity import blocks_of, local_graphs, perturbed
-from .aggregation import check_method, coefficients, combine, scale_correction
+from .aggregation import check_method, coefficients, scale_correction
 from .distributed import Communicator
 from .engines import (
     DEFAULT_TANGENT_BUDGET_MB,
     Function,
+    RngReplay,
+    Users,
     budget_bytes,
     check_scalar,
     explained_forward_mode_errors,
-    jvps_from_gradients,
     make_engine,
     rows_within,
 )
 from .errors import NonFiniteError
-from .tangents import TangentPlan, check_kind, mean_squared_norm
+from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")
 
@@ -79,14 +82,21 @@ class ForwardGradient:
     Args:
         num_tangents: k >= 1.
         aggregation: ``project`` (frog), ``mean`` or ``sum``.
-        tangents: ``normal``, ``rademacher``, ``basis``, ``orthonormal`` or ``angle``.
+        tangents: ``normal``, ``rademacher``, ``basis``, ``orthonormal``, ``angle``, or the structured
+            ``lowrank`` (every weight of 2+ dimensions, viewed as a matrix, gets tangents U_i V_i^T /
+            sqrt(rank): k rank (m + n) random numbers instead of k m n; Linear, Conv and Embedding
+            layers take them without dense tangents) and ``input-span`` (low rank, with the right
+            factors of Linear and Conv weights drawn in the span of the layer's inputs in the batch;
+            weight perturbation only). Vectors (biases) keep dense N(0, 1) rows.
+        rank: r of the structured tangents.
         engine: ``jvp``, ``loop``, ``sim`` or ``fd`` (see :mod:`frog.engines`).
         seed: tangents of call t depend only on (seed, t, tangent, block).
         normalize: divide each tangent by its norm.
         angle: degrees in (0, 90], for ``tangents="angle"``.
         scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
         fd_step: step length h of the ``fd`` engine.
-        tangent_budget_mb: memory the tangents may take. When all k x n fit, they are generated once
+        tangent_budget_mb: memory the tangents may take. When all k tangents fit (k x n entries, or
+            the factors of structured tangents), they are generated once
             per step and kept; otherwise they are generated block by block where they are needed
             (twice or three times a step) and the ``jvp`` engine runs its passes on chunks of
             tangents that fit: slower, with memory bounded by the budget.
@@ -114,6 +124,7 @@ class ForwardGradient:
         perturbation: str = "weight",
         blocks: Sequence[nn.Module] | None = None,
         communicator: Communicator | None = None,
+        rank: int = 1,
     ) -> None:
         if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
             raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
@@ -123,6 +134,10 @@ class ForwardGradient:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
+        check_rank(tangents, rank, ())
+        if tangents in STRUCTURED and perturbation == "activity":
+            raise ValueError(f"tangents={tangents!r} structures weight tangents, but perturbation='activity' "
+                             "perturbs block outputs: use perturbation='weight' (or tangents='normal')")
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
@@ -136,13 +151,18 @@ class ForwardGradient:
         self.perturbation = perturbation
         self.blocks = blocks
         self.communicator = communicator
+        self.rank = rank
         self.step = 0
         self._tangent_buffers: dict[int, torch.Tensor] = {}  # reused by the jvp engine, step to step
+        # model -> (its parameters' ids, the known modules using each weight), checked on first use
+        self._users: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Users]] = weakref.WeakKeyDictionary()
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
-            f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step})"
+            f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step}"
+            + (f", rank={self.rank})" if self.tangents in STRUCTURED else ")")
         )
 
     # -- state -------------------------------------------------------------------------------
@@ -154,22 +174,26 @@ class ForwardGradient:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
     # -- core --------------------------------------------------------------------------------
-    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor) -> TangentPlan:
+    def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, names: Sequence[str] | None = None,
+             span: Sequence[int] = ()) -> TangentPlan:
         """The tangent plan of the current call for blocks of ``shapes`` (device and dtype of ``like``).
 
         The plan keeps every generated block (generated once, for the jvps, the Gram matrix and the
-        estimate) when all k x n tangents fit the tangent budget; otherwise it generates them again
-        where they are needed and holds k x (largest block) at a time.
+        estimate) when all k tangents (as stored: dense, or factors) fit the tangent budget; otherwise
+        it generates them again where they are needed and holds k x (largest block) at a time.
+        ``names`` name the blocks in errors; ``span``: the input-span blocks.
         """
-        dimension = sum(math.prod(s) for s in shapes)
+        check_rank(self.tangents, self.rank, shapes, names)
         k = self.num_tangents
-        keep = rows_within(self.tangent_budget_bytes, k, dimension, like.element_size()) == k
+        size = stored_size(self.tangents, shapes, self.rank)
+        keep = rows_within(self.tangent_budget_bytes, k, size, like.element_size()) == k
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
             seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
             normalize=self.normalize, angle=self.angle,
             cache=keep, track_gram=self.aggregation == "project",
             buffers=self._tangent_buffers if keep else None,
+            rank=self.rank, span=span,
         )
 
     def coefficients(self, plan: TangentPlan, raw_jvps: torch.Tensor) -> torch.Tensor:
@@ -192,16 +216,17 @@ class ForwardGradient:
         return coeffs
 
     def coefficients_of(
-        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, users: Users | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the engine and aggregate: ``(value, coefficients)`` on the plan's raw tangents.
 
         value is fn's output, () or (B,); coefficients are (k,) or (k, B). Checks that the loss and
         the jvps are finite, then advances the call counter (the next call draws new tangents).
+        ``users``: the known modules using each weight (factored tangents reach the jvps through them).
         """
         comm = self.communicator
         with explained_forward_mode_errors(self.engine.name):
-            value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None)
+            value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None, users)
         return value, self._aggregate(plan, value, jvps)
 
     def _aggregate(self, plan: TangentPlan, value: torch.Tensor, jvps: torch.Tensor) -> torch.Tensor:
@@ -219,15 +244,34 @@ class ForwardGradient:
         self.step += 1
         return coeffs
 
-    def estimate(self, fn: Function, primals: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Value of scalar ``fn`` and the forward-gradient estimate for each named primal (same shapes)."""
-        plan = self.plan([p.shape for p in primals.values()], next(iter(primals.values())))
-        value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan)
-        estimates = {
-            name: combine(plan.block(b), coeffs).to(tensor.dtype)
-            for b, (name, tensor) in enumerate(primals.items())
-        }
+    def estimate(
+        self, fn: Function, primals: dict[str, torch.Tensor], users: Users | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Value of scalar ``fn`` and the forward-gradient estimate for each named primal (same shapes).
+
+        ``users``: primal name -> the known modules that use it as their weight (weight perturbation);
+        with ``input-span`` tangents a weight used by exactly one module that frog sees the inputs of
+        gets right factors in the span of those inputs, every other matrix plain low rank (warned once).
+        """
+        names = list(primals)
+        users = users or {}
+        span = [b for b, name in enumerate(names) if self.tangents == "input-span" and primals[name].dim() >= 2
+                and len(users.get(name, ())) == 1 and layers.sees_inputs(users[name][0])]
+        if self.tangents == "input-span":
+            self._warn_low_rank([name for b, name in enumerate(names) if primals[name].dim() >= 2 and b not in span])
+        plan = self.plan([p.shape for p in primals.values()], next(iter(primals.values())), names, span)
+        value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan, users)
+        estimates = {name: plan.estimate(b, coeffs).to(tensor.dtype) for b, (name, tensor) in enumerate(primals.items())}
         return value, estimates
+
+    def _warn_low_rank(self, names: list[str]) -> None:
+        """Warn once per name that an input-span estimator gives these matrices plain low-rank tangents."""
+        new = [name for name in names if name not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(f"input-span tangents: frog cannot see the inputs of {', '.join(new)} (not the weight of "
+                          "one Linear or Conv layer that runs its own forward), so they get lowrank tangents",
+                          stacklevel=4)
 
     # -- plain functions ---------------------------------------------------------------------
     def value_and_grad(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,12 +332,31 @@ class ForwardGradient:
         def loss_at(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(wrapper, {f"model.{n}": t for n, t in tensors.items()}, (), strict=False)
 
+        users = self._weight_users(model, loss_fn, params) if self.tangents in STRUCTURED else None
         with _frozen_running_stats(model, freeze=not self.engine.single_pass) as frozen:
-            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()})
+            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()}, users)
         if frozen:
             with torch.no_grad():
                 loss_fn(model)  # one plain pass updates the running statistics once
         return value, estimates
+
+    def _weight_users(self, model: nn.Module, loss_fn, params: dict[str, torch.Tensor]) -> Users:
+        """The known modules (Linear, Conv, Embedding) using each weight, for structured tangents.
+
+        On the first call for a model (and again when its parameters change), one plain pass without
+        gradients (running statistics and random numbers left as they were) checks that each such
+        weight is used by its modules only; weights used anywhere else get dense tangents.
+        """
+        key = tuple(id(p) for p in params.values())
+        cached = self._users.get(model)
+        if cached is None or cached[0] != key:
+            candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
+            replay = RngReplay(next(iter(params.values())).device)
+            with _frozen_running_stats(model, freeze=True), torch.no_grad():
+                users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
+            replay.reset()
+            cached = self._users[model] = (key, users)
+        return cached[1]
 
     def _activity_estimates(self, model, loss_fn, params):
         """Activity perturbation: per-sample jvps (k, B) of the losses along one tangent per block
@@ -308,9 +371,8 @@ class ForwardGradient:
         plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
         comm = self.communicator
         if chained_sim:
-            activity_grads = _chained_gradients(losses, inputs, outputs)
             rows = comm.rows(self.num_tangents) if comm else None
-            coeffs = self._aggregate(plan, losses, jvps_from_gradients(plan, activity_grads, losses.detach(), rows))
+            coeffs = self._aggregate(plan, losses, self.engine.chained(losses, inputs, outputs, plan, rows))
         else:
             def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
                 with perturbed(blocks, list(perturbations.values())):
@@ -325,23 +387,11 @@ class ForwardGradient:
             with _frozen_running_stats(model, freeze=True), torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
-        output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
+        output_grads = [plan.estimate(b, coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
         names = list(params)
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
         return losses.detach().mean(), estimates
-
-
-def _chained_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d(sum of losses)/dh_b for each block output h_b (B, ...), by chaining block-local products
-    backwards: g_last from the loss, then g_{b-1} = (dh_b/dh_{b-1})^T g_b through block b alone."""
-    grads = [torch.empty(0)] * len(outputs)
-    (grad,) = torch.autograd.grad(losses.sum(), outputs[-1], retain_graph=True)
-    for b in range(len(outputs) - 1, -1, -1):
-        grads[b] = grad
-        if b > 0:
-            (grad,) = torch.autograd.grad(outputs[b], inputs[b], grad, retain_graph=True)
-    return grads
 
 
 def _per_sample(losses: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,11 @@ Every sampler is split in two steps so that tangents can be generated block by b
 
 Because V = T W, the jvps, the Gram matrix and the estimate transform without ever forming V:
 d_V = T d_W, G_V = T G T^T, and V^T c = W^T (T^T c).
+
+Structured samplers (SPEC 4) store a block's tangents in a :mod:`~frog.layouts` layout other than
+dense rows: ``lowrank`` gives every block of 2 or more dimensions tangents U_i V_i^T / sqrt(r)
+(k r (m + n) numbers instead of k m n), ``input-span`` draws their right factors inside the span
+of the inputs of the layer that uses the weight (set while the layer runs); vectors keep dense rows.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-KINDS = ("normal", "rademacher", "basis", "orthonormal", "angle")
+from .layouts import Dense, Layout, LowRank, gram_of, matrix_shape
+
+KINDS = ("normal", "rademacher", "basis", "orthonormal", "angle", "lowrank", "input-span")
+STRUCTURED = ("lowrank", "input-span")  # kinds whose weight blocks are factored (SPEC 4)
 _MASK64 = (1 << 64) - 1
 
 
@@ -37,6 +45,35 @@ def check_kind(kind: str, angle: float | None = None) -> None:
             raise ValueError(f"angle must lie in (0, 90] degrees, got {angle}")
     elif angle is not None:
         raise ValueError(f"angle= is only used with tangents='angle', not {kind!r}")
+
+
+def check_rank(kind: str, rank: int, shapes: Sequence[torch.Size], names: Sequence[str] | None = None) -> None:
+    """Raise ValueError for a rank that ``kind`` cannot use: rank < 1, rank > min(m, n) of a block
+    viewed as a matrix (named by ``names``), or a rank other than 1 for an unstructured sampler."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    if kind not in STRUCTURED:
+        if rank != 1:
+            raise ValueError(f"rank= is only used with tangents='lowrank' or 'input-span', not {kind!r}")
+        return
+    for b, shape in enumerate(shapes):
+        if len(shape) >= 2 and rank > min(matrix_shape(shape)):
+            name = names[b] if names is not None else f"block {b}"
+            m, n = matrix_shape(shape)
+            raise ValueError(f"rank {rank} exceeds min(m, n) = {min(m, n)} of {name} (a {m} x {n} matrix); "
+                             f"use rank <= {min(m, n)}")
+
+
+def make_layouts(kind: str, shapes: Sequence[torch.Size], rank: int = 1, span: Sequence[int] = ()) -> list[Layout]:
+    """The layout of each block: low rank for blocks of 2 or more dimensions under a structured
+    ``kind`` (input-span for the block indices in ``span``), dense rows otherwise."""
+    return [LowRank(shape, rank, span=b in span) if kind in STRUCTURED and len(shape) >= 2 else Dense(shape)
+            for b, shape in enumerate(shapes)]
+
+
+def stored_size(kind: str, shapes: Sequence[torch.Size], rank: int = 1) -> int:
+    """Entries that one tangent of these blocks takes as stored (k r (m + n) / k for factored blocks)."""
+    return sum(math.prod(layout.stored) for layout in make_layouts(kind, shapes, rank))
 
 
 def check_size(kind: str, k: int, n: int) -> None:
@@ -55,8 +92,8 @@ def check_size(kind: str, k: int, n: int) -> None:
 
 
 def mean_squared_norm(kind: str, normalize: bool, n: int) -> float:
-    """E|v|^2 of one tangent: n for unnormalized normal/rademacher tangents, else 1."""
-    return float(n) if kind in ("normal", "rademacher") and not normalize else 1.0
+    """E|v|^2 of one tangent: n for unnormalized normal, rademacher and structured tangents, else 1."""
+    return float(n) if kind in ("normal", "rademacher", *STRUCTURED) and not normalize else 1.0
 
 
 def needs_gram(kind: str, normalize: bool) -> bool:
@@ -180,6 +217,7 @@ def sample_tangents(
     *,
     angle: float | None = None,
     normalize: bool = False,
+    rank: int = 1,
     batch: int | Sequence[int] = (),
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -194,20 +232,32 @@ def sample_tangents(
     with i.i.d. N(0, 1) entries. ``kind`` is one of ``normal``, ``rademacher``, ``basis`` (the
     first k standard basis vectors), ``orthonormal`` (V V^T = I) or ``angle`` (every tangent at
     ``angle`` degrees to the first, all of unit length). ``normalize`` divides each by its norm.
+    ``lowrank`` (shape of 2 or more dimensions, viewed as m x n by :func:`matrix_shape`): U_i V_i^T /
+    sqrt(rank), formed densely here (ForwardGradient keeps the factors instead).
     """
     check_kind(kind, angle)
     shape = torch.Size((shape,) if isinstance(shape, int) else tuple(shape))
     check_size(kind, num_tangents, math.prod(shape))
+    if kind == "input-span":
+        raise ValueError("input-span tangents are drawn inside the span of a layer's inputs while the layer "
+                         "runs: use ForwardGradient(tangents='input-span').fill_grad(model, loss_fn)")
+    if kind == "lowrank" and len(shape) < 2:
+        raise ValueError(f"tangents='lowrank' needs a shape of 2 or more dimensions (a matrix), got {tuple(shape)}; "
+                         "a vector has no low-rank structure: use tangents='normal'")
+    check_rank(kind, rank, [shape])
+    layout = make_layouts(kind, [shape], rank)[0]
     if generator is not None and device is None:
         device = generator.device
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
     if batch and kind != "basis":  # one stream per draw, seeded from the generator: filled in parallel
-        raw = torch.empty(*batch, num_tangents, *shape, device=device, dtype=dtype)
-        draws = raw.reshape(-1, num_tangents, *shape)
+        raw = torch.empty(*batch, num_tangents, *layout.stored, device=device, dtype=dtype)
+        draws = raw.reshape(-1, num_tangents, *layout.stored)
         seeds = torch.randint(0, 2**62, (draws.shape[0],), generator=generator, device=device).tolist()
         fill_streams(kind, draws, seeds)
     else:
-        raw = raw_rows(kind, range(num_tangents), shape, batch=batch, generator=generator, device=device, dtype=dtype)
+        raw = raw_rows(kind, range(num_tangents), layout.stored, batch=batch, generator=generator, device=device,
+                       dtype=dtype)
+    raw = layout.dense(raw)
     if not needs_gram(kind, normalize):
         return raw
     flat = raw.reshape(*batch, num_tangents, -1)
@@ -215,30 +265,18 @@ def sample_tangents(
     return (transform.to(raw.dtype) @ flat).reshape(raw.shape)
 
 
-def gram_of(flat: torch.Tensor) -> torch.Tensor:
-    """G = W W^T of rows W (..., k, m), returned in float64: shape (..., k, k).
-
-    The product runs in float64 unless the block is tall (m >= 64 k): random tall blocks are well
-    conditioned, so their Gram matrix loses nothing that matters in the tangents' own precision.
-    """
-    k, m = flat.shape[-2], flat.shape[-1]
-    if flat.dtype != torch.float64 and m >= 64 * k:
-        return (flat @ flat.mT).to(torch.float64)
-    wide = flat.to(torch.float64)
-    return wide @ wide.mT
-
-
 class TangentPlan:
     """The tangents of one estimator step, generated block by block and never as one k x n matrix.
 
     Raw tangent row i of block b is drawn from its own generator seeded by
-    ``derive_seed(seed, step, i, b)`` (blocks of fewer than SMALL_BLOCK entries: all k rows from one
-    generator of the block, one call instead of k), so every block (and every row) can be
-    regenerated alone, on any process. ``cache=True`` keeps generated blocks (when all k x n fit
-    the estimator's tangent budget);
-    ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so that
-    :meth:`gram` regenerates only the blocks no engine has asked for. ``buffers`` (block index ->
-    tensor, owned by the caller) are reused for whole blocks from one step to the next: writing
+    ``derive_seed(seed, step, i, b)`` (blocks of fewer than SMALL_BLOCK stored entries: all k rows
+    from one generator of the block, one call instead of k), so every block (and every row) can be
+    regenerated alone, on any process. Each block keeps its rows in a :mod:`~frog.layouts` layout
+    (``layouts[b]``): dense rows, or the packed factors of low-rank tangents (structured kinds).
+    ``cache=True`` keeps generated blocks (when the k stored rows fit the estimator's tangent
+    budget); ``track_gram=True`` adds each whole block to the Gram matrix as it is generated, so
+    that :meth:`gram` regenerates only the blocks no engine has asked for. ``buffers`` (block index
+    -> tensor, owned by the caller) are reused for whole blocks from one step to the next: writing
     into memory already mapped is much faster than into a fresh allocation.
 
     Args:
@@ -246,6 +284,9 @@ class TangentPlan:
         num_tangents: k.
         shapes: shape of each block (parameter tensor, or block activity), in order.
         seed, step: the counter key of this step.
+        rank: r of the low-rank layouts (structured kinds).
+        span: indices of the blocks whose right factors an engine draws in the span of a layer's
+            inputs (``input-span``; :meth:`set_basis`).
     """
 
     def __init__(
@@ -263,6 +304,8 @@ class TangentPlan:
         cache: bool = False,
         track_gram: bool = False,
         buffers: dict[int, torch.Tensor] | None = None,
+        rank: int = 1,
+        span: Sequence[int] = (),
     ) -> None:
         self.kind, self.normalize, self.angle = kind, normalize, angle
         self.num_tangents = num_tangents
@@ -273,6 +316,8 @@ class TangentPlan:
         self.dimension = self.offsets[-1]
         check_kind(kind, angle)
         check_size(kind, num_tangents, self.dimension)
+        check_rank(kind, rank, self.shapes)
+        self.layouts = make_layouts(kind, self.shapes, rank, span)
         self.seed, self.step = seed, step
         self.device, self.dtype = device, dtype
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
@@ -288,7 +333,10 @@ class TangentPlan:
         return self._cache is not None
 
     def block(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Raw tangents of block ``index``: shape (len(rows), *shape); all k rows by default."""
+        """Raw stored tangents of block ``index``: (len(rows), *layouts[index].stored); all k rows by default.
+
+        For dense layouts these are the tangent rows (len(rows), *shape) themselves.
+        """
         if self._cache is not None and rows is not None:  # the whole block is wanted later anyway: make it once
             rows = list(rows)
             contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
@@ -297,29 +345,55 @@ class TangentPlan:
         if rows is None and self._cache is not None and index in self._cache:
             return self._cache[index]
         wanted = range(self.num_tangents) if rows is None else rows
+        stored = self.layouts[index].stored
         if self.kind == "basis":
-            out = raw_rows("basis", wanted, self.shapes[index], offset=self.offsets[index],
-                           device=self.device, dtype=self.dtype)
+            out = raw_rows("basis", wanted, stored, offset=self.offsets[index], device=self.device, dtype=self.dtype)
         else:  # each row from its own counter-seeded generator, written in place
             out = self._buffer(index) if rows is None else None
             if out is None:
-                out = torch.empty(len(wanted), *self.shapes[index], device=self.device, dtype=self.dtype)
+                out = torch.empty(len(wanted), *stored, device=self.device, dtype=self.dtype)
             self._fill_rows(out, wanted, index)
         if rows is None:
             if self._cache is not None:
                 self._cache[index] = out
-            if self.track_gram and self._gram is None:
-                self._block_grams[index] = gram_of(out.reshape(self.num_tangents, -1))
+            if self.track_gram and self._gram is None and self._gram_ready(index):
+                self._block_grams[index] = self.layouts[index].gram(out)
         return out
+
+    def dense(self, index: int, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Tangents of block ``index`` as dense rows (len(rows), *shape), formed from factors where factored."""
+        return self.layouts[index].dense(self.block(index, rows))
+
+    def estimate(self, index: int, coeffs: torch.Tensor) -> torch.Tensor:
+        """W_b^T c of block ``index``: coefficients (k,) or (k, B) -> (*shape) or (*shape, B)."""
+        return self.layouts[index].estimate(self.block(index), coeffs)
+
+    def inner(self, index: int, grad: torch.Tensor, samples: int, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """W_b g of block ``index`` for its gradient g, shaped like the block or (samples, *shape):
+        (len(rows), samples)."""
+        return self.layouts[index].inner(self.block(index, rows), grad, samples)
+
+    def set_basis(self, index: int, basis: torch.Tensor | None) -> None:
+        """Input-span block ``index``: right factors V_i = Q rho_i with Q = ``basis`` (n, d), orthonormal
+        columns spanning the layer's inputs (None: the whole space). Set before the Gram matrix is formed."""
+        if self._gram is not None:
+            raise RuntimeError("set_basis after the Gram matrix was formed: the tangents would change under it")
+        self.layouts[index].basis = basis
+
+    def _gram_ready(self, index: int) -> bool:
+        """Whether block ``index``'s Gram contribution can be formed now (an input-span block needs
+        its basis, which an engine sets while the layer runs)."""
+        layout = self.layouts[index]
+        return not (layout.factored and layout.span and layout.basis is None)
 
     def _fill_rows(self, out: torch.Tensor, rows: Sequence[int], index: int) -> None:
         """out[j] = raw row rows[j] of block ``index``: each row from its counter-seeded stream, or,
-        for a small block (a bias, a block activity), all k rows from one stream of the block."""
-        if math.prod(self.shapes[index]) >= SMALL_BLOCK:
+        for a small block (a bias, a block activity, small factors), all k rows from one stream of the block."""
+        if math.prod(self.layouts[index].stored) >= SMALL_BLOCK:
             fill_streams(self.kind, out, [derive_seed(self.seed, self.step, i, index) for i in rows])
             return
         whole = out if len(rows) == self.num_tangents and list(rows) == list(range(self.num_tangents)) \
-            else torch.empty(self.num_tangents, *self.shapes[index], device=out.device, dtype=out.dtype)
+            else torch.empty(self.num_tangents, *self.layouts[index].stored, device=out.device, dtype=out.dtype)
         fill_streams(self.kind, whole[None], [derive_seed(self.seed, self.step, _WHOLE_BLOCK, index)])
         if whole is not out:
             out.copy_(whole[list(rows)])
@@ -328,7 +402,7 @@ class TangentPlan:
         """The caller's reusable buffer for the whole block ``index`` (made on first use), if any."""
         if self._buffers is None:
             return None
-        size = (self.num_tangents, *self.shapes[index])
+        size = (self.num_tangents, *self.layouts[index].stored)
         kept = self._buffers.get(index)
         if kept is None or kept.shape != size or kept.dtype != (self.dtype or torch.get_default_dtype()) \
                 or (self.device is not None and kept.device != torch.device(self.device)):
@@ -339,7 +413,7 @@ class TangentPlan:
         if index not in self._block_grams:
             block = self.block(index)  # records its Gram when track_gram is set
             if index not in self._block_grams:
-                return gram_of(block.reshape(self.num_tangents, -1))
+                return self.layouts[index].gram(block)
         return self._block_grams.pop(index)
 
     def gram(self) -> torch.Tensor:
@@ -358,4 +432,3 @@ class TangentPlan:
         if self._transform is None:
             self._transform = mixing(self.kind, self.normalize, self.gram(), self.angle)
         return self._transform
-

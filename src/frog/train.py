@@ -28,13 +28,14 @@ from .lrs import network_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
-from .tangents import derive_seed
+from .tangents import STRUCTURED, check_rank, derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
            "seconds", "lr", "steps", "diverged", "comm_bytes_per_step"]
 
 
 RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
+TRAIN_SAMPLERS = ("normal", "rademacher", *STRUCTURED)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TrainConfig:
     tangents: int = 16
     engine: str = "jvp"
     perturbation: str = "activity"
+    sampler: str = "normal"
+    rank: int = 1
     lr: float | None = None
     epochs: int = 200
     patience: int = 10
@@ -68,6 +71,11 @@ class TrainConfig:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
+        if self.sampler not in TRAIN_SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(TRAIN_SAMPLERS)}")
+        check_rank(self.sampler, self.rank, ())
+        if self.sampler in STRUCTURED and self.perturbation != "weight":
+            raise ValueError(f"--sampler {self.sampler} structures weight tangents: add --perturbation weight")
         for name in ("tangents", "epochs", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -173,6 +181,7 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
+                              tangents=config.sampler, rank=config.rank,
                               tangent_budget_mb=config.tangent_budget_mb)
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
     if comm is not None:
@@ -182,7 +191,7 @@ def train(
                 "sample, so the ranks all-reduce gradients (n numbers a step), not k jvps")
 
     if resume and checkpoint_path.exists():
-        saved = json.loads(config_path.read_text())["config"]
+        saved = {**asdict(TrainConfig()), **json.loads(config_path.read_text())["config"]}  # older runs: defaults
         current = asdict(config)
         for free in RESUMABLE_CHANGES:  # settings that do not change the numbers
             saved.pop(free, None), current.pop(free)
