@@ -21,6 +21,7 @@ CONFIG = {"model": "fc", "width": 32, "dataset": "digits", "tangents": 4, "lr": 
 SCENARIOS = {
     "tangent": ({"gradient": "frog", "perturbation": "activity"}, "tangent"),
     "tangent-weight": ({"gradient": "fg-mean", "perturbation": "weight"}, "tangent"),
+    "tangent-lowrank": ({"gradient": "frog", "perturbation": "weight", "sampler": "lowrank", "rank": 2}, "tangent"),
     "data-weight": ({"gradient": "frog", "perturbation": "weight"}, "data"),
     "data-activity": ({"gradient": "frog", "perturbation": "activity"}, "data"),
     "data-bp": ({"gradient": "bp"}, "data"),
@@ -89,7 +90,7 @@ def test_two_ranks_match_one_process(tmp_path):
                                        msg=f"{name}: {key}")
         header, *rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
         bytes_per_step = float(rows[-1].split(",")[header.split(",").index("comm_bytes_per_step")])
-        if name in ("tangent-weight", "data-weight"):
+        if name in ("tangent-weight", "tangent-lowrank", "data-weight"):
             assert 0 < bytes_per_step <= 8 * CONFIG["tangents"] * 2  # k numbers, not n
         assert bytes_per_step > 0
 

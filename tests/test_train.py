@@ -154,6 +154,26 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("sampler", ["lowrank", "input-span"])
+def test_structured_tangents_train_and_resume_from_the_cli(tmp_path, sampler):
+    args = ["train", "--model", "fc", "--width", "16", "--dataset", "digits", "--gradient", "frog", "-k", "4",
+            "--perturbation", "weight", "--sampler", sampler, "--rank", "2", "--lr", "1.0", "--seed", "1"]
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (saved["config"]["sampler"], saved["config"]["rank"]) == (sampler, 2)
+    saved["config"]["epochs"] = 2  # the interrupted run was asked for 2 epochs
+    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
+    assert main([*args, "--epochs", "2", "--resume", "--out", str(tmp_path / "b")]) == 0
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    torch.manual_seed(1)  # the run's initial weights: the structured estimates moved them
+    initial = make_model("fc", (1, 8, 8), 10, width=16).state_dict()
+    assert all(a[name].shape == initial[name].shape and not torch.equal(a[name], initial[name]) for name in a)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, epochs=1)
     train(config, tmp_path, progress=False, log=lambda s: None)
@@ -193,6 +213,10 @@ def test_training_is_deterministic(tmp_path):
         (["--gradient", "adam"], "unknown method"),
         (["--engine", "magic"], "unknown engine"),
         (["-k", "0"], ">= 1"),
+        (["--sampler", "lowrank"], "--perturbation weight"),
+        (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "0"], "rank must be an integer >= 1"),
+        (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "20", "--width", "16", "--lr", "0.1"],
+         "rank 20 exceeds"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "0"], "cuda" if not torch.cuda.is_available() else ">= 1"),
     ],
 )

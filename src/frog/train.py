@@ -183,6 +183,8 @@ def train(
                               perturbation=config.perturbation, communicator=comm,
                               tangents=config.sampler, rank=config.rank,
                               tangent_budget_mb=config.tangent_budget_mb)
+    trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
     if comm is not None:
         comm.check_same(**asdict(config), resume=resume, world=comm.world)
