@@ -1,13 +1,15 @@
 """Time one training step (fill_grad + SGD step) per engine, side by side in one run.
 
 Model: MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; for each k and each
-perturbation (weight, activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
+perturbation (weight with the tangent samplers of --samplers: dense ``normal``, ``lowrank`` and
+``input-span`` of rank --rank; activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
 plain matmul measured in the same run, the share of tangent generation + Gram in a jvp step
 (timed alone, as a step generates them), the matmul share of the rest of that step ("rest %mm":
 the jvp FLOPs over the step time minus generation + Gram), and a final JSON line.
 
     python benchmarks/engines.py [--ks 1 4 16 64] [--perturbations weight activity]
+                                 [--samplers normal lowrank input-span] [--rank 1]
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
 """
 
@@ -54,12 +56,15 @@ def median_time(step, repeats: int, device: str, min_seconds: float = 0.5) -> fl
     return statistics.median(times)
 
 
-def jvp_flops(batch: int, k: int, perturbation: str) -> float:
-    """Primal once, plus per tangent and layer: weight perturbation two matmuls (W_t x and W x_t),
-    one for the first layer; activity perturbation one (W x_t), none for the first layer."""
+def jvp_flops(batch: int, k: int, perturbation: str, sampler: str = "normal", rank: int = 1) -> float:
+    """Primal once, plus per tangent and layer: W x_t for every layer but the first; with dense weight
+    tangents also W_t x, with structured ones (x V) U^T at 2 B (i + o) r."""
     primal = sum(2 * batch * i * o for i, o in LAYERS)
-    per_layer = (lambda layer: 1 if layer == 0 else 2) if perturbation == "weight" else (lambda layer: min(layer, 1))
-    per_tangent = sum(per_layer(layer) * 2 * batch * i * o for layer, (i, o) in enumerate(LAYERS))
+    per_tangent = 0
+    for layer, (i, o) in enumerate(LAYERS):
+        per_tangent += 2 * batch * i * o * (layer > 0)
+        if perturbation == "weight":
+            per_tangent += 2 * batch * i * o if sampler == "normal" else 2 * batch * (i + o) * rank
     return primal + k * per_tangent
 
 
@@ -74,6 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--perturbations", nargs="+", default=["weight", "activity"])
+    parser.add_argument("--samplers", nargs="+", default=["normal", "lowrank", "input-span"],
+                        help="tangents of weight perturbation")
+    parser.add_argument("--rank", type=int, default=1, help="rank of the lowrank and input-span tangents")
     parser.add_argument("--engines", nargs="+", default=["jvp", "loop", "sim", "fd"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -95,9 +103,10 @@ def main() -> None:
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    def engine_step(engine: str, k: int, perturbation: str):
+    def engine_step(engine: str, k: int, perturbation: str, sampler: str):
+        rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
         estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation,
-                                         tangent_budget_mb=args.tangent_budget_mb)
+                                         tangent_budget_mb=args.tangent_budget_mb, tangents=sampler, rank=rank)
         reduction = "none" if perturbation == "activity" else "mean"
 
         def step() -> None:
@@ -111,8 +120,10 @@ def main() -> None:
         "activity": [torch.Size((fan_out,)) for _, fan_out in LAYERS],
     }
 
-    def tangents_and_gram(k: int, perturbation: str):
-        generator_only = frog.ForwardGradient(k, "project", seed=0, tangent_budget_mb=args.tangent_budget_mb)
+    def tangents_and_gram(k: int, perturbation: str, sampler: str):
+        rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
+        generator_only = frog.ForwardGradient(k, "project", seed=0, tangent_budget_mb=args.tangent_budget_mb,
+                                              tangents=sampler, rank=rank)
 
         def run() -> None:
             generator_only.plan(block_shapes[perturbation], x).gram()  # every block, and their Gram
@@ -125,23 +136,28 @@ def main() -> None:
     print(f"MLP 784-1024-1024-10, batch {args.batch}, device {device}, threads {torch.get_num_threads()}, "
           f"tangent budget {args.tangent_budget_mb:g} MB; "
           f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
-    print(f"{'perturbation':<13}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines)
+    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines)
           + f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}")
-    for perturbation in args.perturbations:
+    settings = [(p, s) for p in args.perturbations for s in (args.samplers if p == "weight" else ["normal"])]
+    for perturbation, sampler in settings:
+        label = perturbation if perturbation == "activity" else f"weight/{sampler}"
         for k in args.ks:
-            times = {e: median_time(engine_step(e, k, perturbation), args.repeats, device) for e in args.engines}
+            times = {e: median_time(engine_step(e, k, perturbation, sampler), args.repeats, device)
+                     for e in args.engines}
             # backprop again beside this row (the machine's speed drifts): the ratios use the mean of both
             backprop = (backprop + median_time(backprop_step, 5 * args.repeats, device)) / 2
             row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
-            line = f"{perturbation:<13}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
+            line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
             if "jvp" in times:
-                achieved = jvp_flops(args.batch, k, perturbation) / times["jvp"] / 1e9
+                achieved = jvp_flops(args.batch, k, perturbation, sampler, args.rank) / times["jvp"] / 1e9
                 row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
                 loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
                 row["loop_over_jvp"] = loop_ratio
-                generation = median_time(tangents_and_gram(k, perturbation), args.repeats, device)
+                # input-span: the factors and their Gram cost as lowrank's (its bases come from the pass)
+                generation = median_time(tangents_and_gram(k, perturbation, "lowrank" if sampler == "input-span"
+                                                           else sampler), args.repeats, device)
                 row["tangents_gram_share_of_jvp"] = generation / times["jvp"]
                 share, rest = f"{100 * row['tangents_gram_share_of_jvp']:.1f}", ""
                 # the rest of the step: jvp passes, estimate, SGD (derived: step minus generation + Gram)
@@ -150,8 +166,9 @@ def main() -> None:
                     rest = f"{100 * row['jvp_share_of_matmul_without_generation']:.0f}"
                 line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}{rest:>12}"
             print(line, flush=True)
-            results[f"{perturbation}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
+            results[f"{label}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
     print(json.dumps({"benchmark": "engines", "device": device, "tangent_budget_mb": args.tangent_budget_mb,
+                      "rank": args.rank,
                       "backprop_ms": round(backprop * 1e3, 2),
                       "matmul_gflops": round(peak, 1), "results": results}))
 

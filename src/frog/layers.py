@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def known(module: nn.Module) -> bool:
     """Whether frog can add a factored weight tangent to ``module``'s output: a Linear, ungrouped
     Conv1d/2d/3d or Embedding (without max_norm) that runs the stock forward."""
     for cls in _KNOWN:
-        if isinstance(module, cls) and type(module).forward is cls.forward:
+        if isinstance(module, cls) and type(module).forward is cls.forward and "forward" not in module.__dict__:
             if isinstance(module, nn.Embedding):
                 return module.max_norm is None
             return getattr(module, "groups", 1) == 1
@@ -108,109 +109,238 @@ def check_uses(model: nn.Module, run: Callable[[], object], params: Mapping[str,
 
 
 class Site:
-    """One known module using a factored weight block: computes its output change and input basis."""
+    """One known module while an engine runs: its forward, its forward-mode rule, and, for a factored
+    weight block (``layout``), the output change along the factored tangent and the input basis."""
 
-    def __init__(self, module: nn.Module, layout: LowRank) -> None:
+    def __init__(self, module: nn.Module, layout: LowRank | None = None) -> None:
         self.module, self.layout = module, layout
 
-    def change(self, x: torch.Tensor, packed: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-        """The output change along the weight tangent stored in ``packed`` (r, m + n), whose right
-        half holds V (no basis) or its coordinates rho in ``basis`` (n, d): shaped like the output."""
+    # -- the layer and its tangent ---------------------------------------------------------------
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The module's own output for these tensors (stock Linear, Conv or Embedding forward)."""
+        module = self.module
+        if isinstance(module, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(module, nn.Embedding):
+            return F.embedding(x, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq,
+                               module.sparse)
+        return module._conv_forward(x, weight, bias)
+
+    def tangent(self, x: torch.Tensor, weight: torch.Tensor, d_x: torch.Tensor | None, d_weight: torch.Tensor | None,
+                d_bias: torch.Tensor | None, d_packed: torch.Tensor | None, basis: torch.Tensor | None,
+                shape: torch.Size) -> torch.Tensor:
+        """The tangent of the output (of ``shape``): W d_x + d_W x + d_b (for whichever tangents exist;
+        no products with zeros) + the change along the factored weight tangent in d_packed."""
+        module = self.module
+        out = None
+        if d_x is not None and x.is_floating_point():
+            out = self.forward(d_x, weight, None)
+        if d_weight is not None:
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:  # as autograd: no padding row
+                d_weight = d_weight.index_fill(0, torch.tensor([module.padding_idx], device=d_weight.device), 0.0)
+            moved = _linear_of_tangent(x, d_weight) if isinstance(module, nn.Linear) else self.forward(x, d_weight, None)
+            out = moved if out is None else out + moved
+        if d_packed is not None:  # fused into the products above where there are any
+            out = self.change(x, d_packed, basis, add_to=out)
+        if d_bias is not None:
+            if not isinstance(module, nn.Linear):  # a convolution: the bias runs along the channel dimension
+                d_bias = d_bias.reshape(-1, *[1] * (weight.dim() - 2))
+            out = d_bias if out is None else out + d_bias
+        return x.new_zeros(shape) if out is None else out.expand(shape)
+
+    def change(self, x: torch.Tensor, packed: torch.Tensor, basis: torch.Tensor | None,
+               add_to: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """The output change along ``scale`` times the weight tangent stored in ``packed`` (r, m + n),
+        whose right half holds V (no basis) or its coordinates rho in ``basis`` (n, d): shaped like the
+        output, added to ``add_to`` when given (one fused pass for rank 1)."""
         layout, module = self.layout, self.module
-        left = layout.left(packed)  # (r, m)
+        left = layout.left(packed) * scale if scale != 1.0 else layout.left(packed)  # (r, m)
         right = packed[..., layout.m:]
         if basis is not None:
             right = right[..., : basis.shape[1]] @ basis.T
+        channel = None  # the output's channel dimension for a convolution, else the last
         if isinstance(module, nn.Linear):
-            return (x @ right.mT) @ left
-        if isinstance(module, nn.Embedding):
-            rows = F.embedding(x, left.mT)  # (..., r): U^T[idx]
+            flat = x.reshape(-1, layout.n)
+            coefficients = (right @ flat.T).mT.reshape(*x.shape[:-1], layout.rank)  # (..., r); one matmul under vmap
+        elif isinstance(module, nn.Embedding):
+            coefficients = F.embedding(x, left.mT)  # (..., r): U^T[idx], which combine the right factors
             if module.padding_idx is not None:
-                rows = rows * (x != module.padding_idx).unsqueeze(-1).to(rows.dtype)
-            return rows @ right
-        kernel = right.reshape(layout.rank, *layout.shape[1:])  # (r, in, *kernel)
-        responses = module._conv_forward(x, kernel, None)  # (B, r, *spatial)
-        return (responses.movedim(1, -1) @ left).movedim(-1, 1)
+                coefficients = coefficients * (x != module.padding_idx).unsqueeze(-1).to(coefficients.dtype)
+            left = right
+        else:
+            channel = self._channel(x)
+            kernel = right.reshape(layout.rank, *layout.shape[1:])  # (r, in, *kernel)
+            coefficients = module._conv_forward(x, kernel, None).movedim(channel, -1)  # (B, *spatial, r)
+            add_to = None if add_to is None else add_to.movedim(channel, -1)
+        if layout.rank == 1:  # an outer product: broadcasting beats a matmul with inner size 1
+            change = coefficients * left[0] if add_to is None else torch.addcmul(add_to, coefficients, left[0])
+        else:
+            change = coefficients @ left if add_to is None else add_to + coefficients @ left
+        return change if channel is None else change.movedim(-1, channel)
 
-    def input_rows(self, x: torch.Tensor, output: torch.Tensor) -> int:
-        """How many input vectors (rows of x, or input patches) the weight met in this call."""
-        if isinstance(self.module, nn.Linear):
-            return x.numel() // self.layout.n
-        return output.numel() // self.layout.m  # batch x output positions
+    def _channel(self, x: torch.Tensor) -> int:
+        """A convolution's channel dimension: 1 for a batch (B, C, *spatial), 0 for one unbatched input."""
+        return x.dim() - self.module.weight.dim() + 1
 
-    def basis(self, x: torch.Tensor) -> torch.Tensor:
-        """Q (n, d): orthonormal columns spanning the layer's inputs (Linear) or input patches (Conv),
-        d = min(rows, n), by a reduced QR of the (n x rows) input matrix."""
+    # -- the span of the inputs (input-span tangents) -------------------------------------------------
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The input vectors the weight meets: rows of x (Linear) or input patches (Conv1d/2d), (rows, n)."""
         module = self.module
         if isinstance(module, nn.Linear):
-            inputs = x.reshape(-1, self.layout.n)
-        else:
-            two_d = isinstance(module, nn.Conv2d)
-            if x.dim() == (3 if two_d else 2):  # an unbatched input
-                x = x.unsqueeze(0)
-            pair = (lambda v: tuple(v)) if two_d else (lambda v: (1, v[0]))
-            patches = F.unfold(x if two_d else x.unsqueeze(-2), pair(module.kernel_size), dilation=pair(module.dilation),
-                               padding=pair(module.padding) if two_d else (0, module.padding[0]),
-                               stride=pair(module.stride))  # (B, n, L)
-            inputs = patches.transpose(1, 2).reshape(-1, self.layout.n)
-        q, _ = torch.linalg.qr(inputs.T)
+            return x.reshape(-1, self.layout.n)
+        two_d = isinstance(module, nn.Conv2d)
+        if self._channel(x) == 0:
+            x = x.unsqueeze(0)
+        pair = (lambda v: tuple(v)) if two_d else (lambda v: (1, v[0]))
+        patches = F.unfold(x if two_d else x.unsqueeze(-2), pair(module.kernel_size), dilation=pair(module.dilation),
+                           padding=pair(module.padding) if two_d else (0, module.padding[0]),
+                           stride=pair(module.stride))  # (B, n, L)
+        return patches.transpose(1, 2).reshape(-1, self.layout.n)
+
+    def spans_less(self, x: torch.Tensor) -> bool:
+        """Whether this call's input vectors (fewer than n) span less than the whole input space."""
+        if isinstance(self.module, nn.Linear):
+            return x.numel() // self.layout.n < self.layout.n
+        return self.patches(x).shape[0] < self.layout.n
+
+    def basis(self, x: torch.Tensor) -> torch.Tensor:
+        """Q (n, d): orthonormal columns spanning the input vectors, d = min(rows, n), by a reduced QR."""
+        q, _ = torch.linalg.qr(self.patches(x).T)
         return q
 
 
-class _AddTangent(torch.autograd.Function):
-    """Identity on a layer's output y, whose tangent gains the site's change along the weight tangent
-    carried by the tangent of ``packed`` (primal zeros, (r, m + n)): dy += site.change(x, d packed)."""
+def _linear_of_tangent(x: torch.Tensor, d_weight: torch.Tensor) -> torch.Tensor:
+    """x d_W^T (..., m) as (d_W x^T)^T: one matmul when d_W is batched over tangents and x is not."""
+    flat = x.reshape(-1, x.shape[-1])
+    return (d_weight @ flat.T).mT.reshape(*x.shape[:-1], d_weight.shape[-2])
+
+
+class _Layer(torch.autograd.Function):
+    """A known layer y = site.forward(x, W, b) whose forward-mode rule adds only the tangents that exist
+    (PyTorch's rule multiplies zero tangents too) and the change along a factored weight tangent carried
+    by the tangent of ``packed`` (primal zeros, (r, m + n)), in the basis ``basis`` (input-span).
+
+    x, weight and bias come as tensor arguments when they carry a tangent and inside ``held`` (a tuple,
+    which forward mode does not look into) when they do not: no zero tangent is formed or multiplied.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(output, x, packed, basis, site):
-        return output.view_as(output)
+    def forward(x, weight, bias, packed, basis, site, held):
+        return site.forward(*_resolved((x, weight, bias), held))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_forward(inputs[1], inputs[3])
-        ctx.site = inputs[4]
+        x, weight, _, _, basis, site, held = inputs
+        ctx.save_for_forward(x, weight, basis)
+        ctx.site, ctx.held, ctx.shape = site, held, output.shape
 
     @staticmethod
-    def jvp(ctx, d_output, d_x, d_packed, d_basis, d_site):
-        x, basis = ctx.saved_tensors
-        change = ctx.site.change(x, d_packed, basis)
-        return change if d_output is None else d_output + change
+    def jvp(ctx, d_x, d_weight, d_bias, d_packed, d_basis, d_site, d_held):
+        x, weight, basis = ctx.saved_tensors
+        x, weight, _ = _resolved((x, weight, None), ctx.held)
+        return ctx.site.tangent(x, weight, d_x, d_weight, d_bias, d_packed, basis, ctx.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("frog's factored weight tangents are forward mode only")
+        raise RuntimeError("frog's layer rules are forward mode only")
 
 
-class _AddSpanTangent(torch.autograd.Function):
-    """As :class:`_AddTangent` for input-span tangents: also returns the basis Q of the layer's inputs,
-    computed from the primal input (once, not per tangent), which the right factor uses."""
+class _SpanLayer(torch.autograd.Function):
+    """As :class:`_Layer` for an input-span weight at its first call: also returns the basis Q of the
+    layer's inputs, computed once from the primal input, in which the right factors lie."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(output, x, packed, site):
-        return output.view_as(output), site.basis(x)
+    def forward(x, weight, bias, packed, site, held):
+        x, weight, bias = _resolved((x, weight, bias), held)
+        return site.forward(x, weight, bias), site.basis(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        x, weight, _, _, site, held = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_forward(inputs[1], output[1])
-        ctx.site = inputs[3]
+        ctx.save_for_forward(x, weight, output[1])
+        ctx.site, ctx.held, ctx.shape = site, held, output[0].shape
 
     @staticmethod
-    def jvp(ctx, d_output, d_x, d_packed, d_site):
-        x, basis = ctx.saved_tensors
-        change = ctx.site.change(x, d_packed, basis)
-        return (change if d_output is None else d_output + change), None
+    def jvp(ctx, d_x, d_weight, d_bias, d_packed, d_site, d_held):
+        x, weight, basis = ctx.saved_tensors
+        x, weight, _ = _resolved((x, weight, None), ctx.held)
+        return ctx.site.tangent(x, weight, d_x, d_weight, d_bias, d_packed, basis, ctx.shape), None
 
     @staticmethod
     def backward(ctx, grad, grad_basis):
-        raise RuntimeError("frog's factored weight tangents are forward mode only")
+        raise RuntimeError("frog's layer rules are forward mode only")
+
+
+def _carries_tangent(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` may carry a tangent: only tensors wrapped by a torch.func transform can."""
+    return tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _split_held(*tensors: torch.Tensor | None) -> tuple[list[torch.Tensor | None], tuple]:
+    """(the tensors that may carry a tangent, None for the others; all of them, held in a tuple)."""
+    return [t if _carries_tangent(t) else None for t in tensors], tuple(tensors)
+
+
+def _resolved(args: tuple, held: tuple) -> tuple:
+    """Each argument, or its held value where the argument was left out (None)."""
+    return tuple(held[i] if a is None else a for i, a in enumerate(args))
 
 
 Routes = Mapping[int, tuple[Sequence[nn.Module], LowRank]]  # block -> (modules using it, its layout)
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """The known layers of a model, for the engines: ``modules`` run with frog's forward-mode rules
+    (:func:`forward_rules`); ``users`` maps a weight's name to the known modules that alone use it,
+    through which a factored tangent of that weight reaches the jvps."""
+
+    modules: tuple[nn.Module, ...] = ()
+    users: Mapping[str, Sequence[nn.Module]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: nn.Module, users: Mapping[str, Sequence[nn.Module]] | None = None) -> LayerMap:
+        return cls(tuple(module for module in model.modules() if known(module)), users or {})
+
+
+@contextmanager
+def forward_rules(modules: Sequence[nn.Module], routes: Routes, packed: Mapping[int, torch.Tensor],
+                  bases: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Within the context, every known module in ``modules`` (and of ``routes``) runs as :class:`_Layer`:
+    forward-mode rules without products with zero tangents, and for a routed weight block b the change
+    along the factored tangent carried by the tangent of ``packed[b]``. Input-span blocks find their
+    basis at their first call (stored in ``bases``; later calls of the same weight reuse it); when the
+    layer's inputs span the whole space the block stays plain low rank (no entry)."""
+    routed = {id(m): (b, layout) for b, (mods, layout) in routes.items() for m in mods}
+    patched = {id(m): m for m in (*modules, *(m for mods, _ in routes.values() for m in mods))}
+
+    def rule(module: nn.Module):
+        block, layout = routed.get(id(module), (None, None))
+        site = Site(module, layout)
+
+        def forward(input: torch.Tensor) -> torch.Tensor:
+            (x, weight, bias), held = _split_held(input, module.weight, getattr(module, "bias", None))
+            if block is None:
+                return _Layer.apply(x, weight, bias, None, None, site, held)
+            if layout.span and block not in bases and site.spans_less(input):
+                output, bases[block] = _SpanLayer.apply(x, weight, bias, packed[block], site, held)
+                return output
+            return _Layer.apply(x, weight, bias, packed[block], bases.get(block), site, held)
+
+        return forward
+
+    for module in patched.values():
+        module.forward = rule(module)
+    try:
+        yield
+    finally:
+        for module in patched.values():
+            del module.forward
 
 
 @contextmanager
@@ -233,28 +363,11 @@ def _hooks(routes: Routes, on_output: Callable[[int, Site, torch.Tensor, torch.T
 
 
 @contextmanager
-def tangent_hooks(routes: Routes, packed: Mapping[int, torch.Tensor], bases: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Forward mode: each routed module's output tangent gains its weight tangent's change, carried by
-    the tangent of ``packed[b]`` (primal zeros). Input-span blocks find their basis at their first call
-    (stored in ``bases``; later calls of the same weight reuse it); when the layer met at least n
-    inputs the span is the whole space and the block stays plain low rank (no entry)."""
-
-    def on_output(b: int, site: Site, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if site.layout.span and b not in bases and site.input_rows(x, output) < site.layout.n:
-            output, bases[b] = _AddSpanTangent.apply(output, x, packed[b], site)
-            return output
-        return _AddTangent.apply(output, x, packed[b], bases.get(b), site)
-
-    with _hooks(routes, on_output):
-        yield
-
-
-@contextmanager
 def basis_hooks(routes: Routes, bases: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Record the input basis of every input-span block at its first call (as :func:`tangent_hooks`)."""
+    """Record the input basis of every input-span block at its first call (as :func:`forward_rules`)."""
 
     def on_output(b: int, site: Site, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if site.layout.span and b not in bases and site.input_rows(x, output) < site.layout.n:
+        if site.layout.span and b not in bases and site.spans_less(x):
             bases[b] = site.basis(x.detach())
         return output
 
@@ -269,7 +382,7 @@ def shift_hooks(routes: Routes, packed: Mapping[int, torch.Tensor], bases: Mappi
     the tangent in ``packed[b]`` (exact, the layers being linear in their weight)."""
 
     def on_output(b: int, site: Site, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return output + step * site.change(x, packed[b].to(output.dtype), bases.get(b))
+        return site.change(x, packed[b].to(output.dtype), bases.get(b), add_to=output, scale=step)
 
     with _hooks(routes, on_output):
         yield
