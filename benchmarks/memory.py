@@ -3,8 +3,9 @@
 Settings (each engine and backprop measured in a fresh process of this script):
 
 - deep MLP: 32 Linear layers of width 1024 (input 1024, 10 classes), batch 256, k = 16,
-  weight perturbation and activity perturbation (one block = Linear + ReLU);
-- FC 784-1024-1024-10, batch 64, k = 64, weight perturbation.
+  weight perturbation (dense and ``lowrank`` tangents of rank --rank) and activity perturbation
+  (one block = Linear + ReLU);
+- FC 784-1024-1024-10, batch 64, k = 64, weight perturbation (dense and ``lowrank``).
 
 A measurement builds the model and the data, runs one forward pass and takes the resident set
 size (RSS) as the baseline, runs a warm-up step, then one measured step; it reports the peak
@@ -16,10 +17,11 @@ exec. With --device cuda: torch.cuda.max_memory_allocated after reset_peak_memor
 Next to each setting the theoretical tangent memory: k x (largest block), what an engine needs
 when the tangents are generated again where they are used, and k x n, what a step holds when all
 tangents fit ForwardGradient's tangent budget (--tangent-budget-mb, default 512) and are kept.
+Low-rank tangents are stored as their factors: a weight block takes r (m + n) numbers a tangent.
 Beyond the budget the jvp engine runs its vectorized passes on chunks of rows that fit it.
 
     python benchmarks/memory.py [--k 16] [--fc-k 64] [--engines jvp loop sim fd] [--device cpu|cuda]
-                                [--tangent-budget-mb MB]
+                                [--tangent-budget-mb MB] [--rank 1] [--settings ...]
 """
 
 from __future__ import annotations
@@ -37,25 +39,29 @@ from torch import nn
 import frog
 
 MB = 2**20
-SETTINGS = {  # name: (layer widths, batch, perturbation, which k option)
-    "deep-mlp weight": ([1024] * 32 + [10], 256, "weight", "k"),
-    "deep-mlp activity": ([1024] * 32 + [10], 256, "activity", "k"),
-    "fc weight": ([784, 1024, 1024, 10], 64, "weight", "fc_k"),
+SETTINGS = {  # name: (layer widths, batch, perturbation, which k option, tangent sampler)
+    "deep-mlp weight": ([1024] * 32 + [10], 256, "weight", "k", "normal"),
+    "deep-mlp weight lowrank": ([1024] * 32 + [10], 256, "weight", "k", "lowrank"),
+    "deep-mlp activity": ([1024] * 32 + [10], 256, "activity", "k", "normal"),
+    "fc weight": ([784, 1024, 1024, 10], 64, "weight", "fc_k", "normal"),
+    "fc weight lowrank": ([784, 1024, 1024, 10], 64, "weight", "fc_k", "lowrank"),
 }
 
 
 def make_model(widths: list[int]) -> nn.Sequential:
     """An nn.Sequential of blocks Linear + ReLU (the last block: Linear alone)."""
     torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in itertools.pairwise(widths)]
+    blocks = [nn.Sequential(nn.Linear(i, o), nn.ReLU()) for i, o in itertools.pairwise(widths[:-1])]
     return nn.Sequential(*blocks, nn.Sequential(nn.Linear(widths[-2], widths[-1])))
 
 
-def block_sizes(widths: list[int], perturbation: str) -> list[int]:
-    """Entries of each tangent block: parameter tensors, or block outputs (shared by the batch)."""
+def block_sizes(widths: list[int], perturbation: str, sampler: str = "normal", rank: int = 1) -> list[int]:
+    """Entries of each tangent block as stored: parameter tensors (low-rank weights: their factors,
+    r (m + n)), or block outputs (shared by the batch)."""
     if perturbation == "activity":
         return widths[1:]
-    return [size for i, o in itertools.pairwise(widths) for size in (i * o, o)]  # weight, bias
+    weight = (lambda i, o: rank * (i + o)) if sampler == "lowrank" else (lambda i, o: i * o)
+    return [size for i, o in itertools.pairwise(widths) for size in (weight(i, o), o)]  # weight, bias
 
 
 def rss_kib(field: str) -> int:
@@ -63,9 +69,9 @@ def rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
-def measure(setting: str, method: str, k: int, device: str, budget_mb: float) -> dict[str, float]:
+def measure(setting: str, method: str, k: int, device: str, budget_mb: float, rank: int) -> dict[str, float]:
     """Runs in the child process: peak memory of one step over the baseline, in MB."""
-    widths, batch, perturbation, _ = SETTINGS[setting]
+    widths, batch, perturbation, _, sampler = SETTINGS[setting]
     model = make_model(widths).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, widths[0], device=device)
@@ -76,7 +82,8 @@ def measure(setting: str, method: str, k: int, device: str, budget_mb: float) ->
         return nn.functional.cross_entropy(m(x), y, reduction=reduction)
 
     estimator = frog.ForwardGradient(k, "project", engine=method if method != "backprop" else "jvp",
-                                     seed=0, perturbation=perturbation, tangent_budget_mb=budget_mb)
+                                     seed=0, perturbation=perturbation, tangent_budget_mb=budget_mb,
+                                     tangents=sampler, rank=rank if sampler == "lowrank" else 1)
 
     def step() -> None:
         if method == "backprop":
@@ -106,9 +113,10 @@ def measure(setting: str, method: str, k: int, device: str, budget_mb: float) ->
     return {"baseline_mb": baseline / MB, "peak_mb": (peak - baseline) / MB}
 
 
-def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool, budget_mb: float) -> dict[str, float]:
+def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool, budget_mb: float,
+              rank: int) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", setting, method, str(k), "--device", device,
-               "--tangent-budget-mb", str(budget_mb)]
+               "--tangent-budget-mb", str(budget_mb), "--rank", str(rank)]
     # A fixed mmap threshold makes glibc return every freed block of >= 128 KiB to the system at
     # once, so the RSS follows the live tensors; with glibc's default (a threshold that grows up
     # to 32 MiB) freed temporaries stay in the heap and the peak varies from run to run.
@@ -127,24 +135,27 @@ def main() -> None:
     parser.add_argument("--tangent-budget-mb", type=float, default=frog.engines.DEFAULT_TANGENT_BUDGET_MB,
                         help="ForwardGradient's tangent budget: tangents that fit it are kept for the step")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
+    parser.add_argument("--rank", type=int, default=1, help="rank of the lowrank settings")
     parser.add_argument("--child", nargs=3, metavar=("SETTING", "METHOD", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         setting, method, k = args.child
-        print(json.dumps(measure(setting, method, int(k), args.device, args.tangent_budget_mb)))
+        print(json.dumps(measure(setting, method, int(k), args.device, args.tangent_budget_mb, args.rank)))
         return
 
     results = {}
     for setting in args.settings:
-        widths, batch, perturbation, k_option = SETTINGS[setting]
+        widths, batch, perturbation, k_option, sampler = SETTINGS[setting]
         k = getattr(args, k_option)
-        sizes = block_sizes(widths, perturbation)
+        sizes = block_sizes(widths, perturbation, sampler, args.rank)
         theory = {"k_x_largest_block_mb": k * max(sizes) * 4 / MB, "k_x_n_mb": k * sum(sizes) * 4 / MB}
         gradient_mb = sum(block_sizes(widths, "weight")) * 4 / MB
-        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc, args.tangent_budget_mb)["peak_mb"]
+        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc, args.tangent_budget_mb,
+                                   args.rank)["peak_mb"]
                  for method in ["backprop", *args.engines]}
         print(f"\n{setting}: {len(widths) - 1} Linear layers of width {widths[1]}, batch {batch}, k = {k}, "
-              f"n = {sum(sizes):,} tangent entries, device {args.device}, tangent budget {args.tangent_budget_mb:g} MB")
+              f"{sum(sizes):,} stored tangent entries ({sampler}), device {args.device}, "
+              f"tangent budget {args.tangent_budget_mb:g} MB")
         print(f"theory: k x (largest block) = {theory['k_x_largest_block_mb']:.1f} MB, "
               f"k x n = {theory['k_x_n_mb']:.1f} MB; one gradient (all parameters) = {gradient_mb:.1f} MB")
         print(f"{'method':<10}{'peak MB':>10}{'x backprop':>12}{'over backprop MB':>18}")

@@ -224,7 +224,7 @@ def test_weights_used_outside_their_module_are_not_routed():
     model, loss_fn, _ = setup("tied")
     fg = frog.ForwardGradient(4, tangents="lowrank", seed=0)
     params = dict(model.named_parameters())
-    users = fg.layer_map(model, loss_fn, params).users
+    users = fg.weight_users(model, loss_fn, params)
     assert set(users) == {"embed.weight", "mix.weight"}  # tied into head (known) and mix; gate is used by hand
     assert {type(m) for m in users["embed.weight"]} == {nn.Embedding, nn.Linear}
 

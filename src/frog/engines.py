@@ -33,7 +33,7 @@ from torch.func import jvp, vmap
 
 from . import layers
 from .errors import ForwardModeError
-from .layers import LayerMap
+from .layers import Users
 from .tangents import TangentPlan
 
 Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -92,10 +92,9 @@ class Split:
     blocks, whose (dense) tangents enter the function directly.
     """
 
-    def __init__(self, primals: dict[str, torch.Tensor], plan: TangentPlan, layer_map: LayerMap | None) -> None:
+    def __init__(self, primals: dict[str, torch.Tensor], plan: TangentPlan, users: Users | None) -> None:
         self.names = list(primals)
-        self.layer_map = layer_map or LayerMap()
-        users = self.layer_map.users
+        users = users or {}
         self.routes = {b: (users[name], plan.layouts[b]) for b, name in enumerate(self.names)
                        if plan.layouts[b].factored and users.get(name)}
         self.free = [b for b in range(len(self.names)) if b not in self.routes]
@@ -119,7 +118,7 @@ class Split:
 
         def run(free: dict[str, torch.Tensor], markers: dict[int, torch.Tensor]):
             bases: dict[int, torch.Tensor] = {}
-            with layers.forward_rules(self.layer_map.modules, self.routes, markers, bases):
+            with layers.forward_rules(self.routes, markers, bases):
                 value = fn({**self.constants, **free})
             return value, bases
 
@@ -147,16 +146,15 @@ class Engine(ABC):
     @abstractmethod
     def __call__(
         self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, rows: Sequence[int] | None = None,
-        layer_map: LayerMap | None = None,
+        users: Users | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (value, jvps) of ``fn`` at ``primals`` along the plan's raw tangents ``rows``
         (default all k; a distributed rank computes its share).
 
         value: fn's output, () or (B,); jvps: (len(rows), *value.shape). Primals with a leading batch
         dimension beyond their block's shape share one tangent across the batch (:func:`shaped_like`).
-        ``layer_map``: the model's known layers (:class:`~frog.layers.LayerMap`): the forward-mode
-        engines run them with frog's rules, and factored blocks reach the jvps through the modules
-        that use them, without dense tangents.
+        ``users`` (primal name -> the known modules that alone use it as their weight) lets factored
+        blocks reach the jvps through those modules without dense tangents (:mod:`frog.layers`).
         """
 
 
@@ -174,8 +172,8 @@ class JvpEngine(Engine):
     def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
         self.budget_bytes = budget_bytes(budget_mb)
 
-    def __call__(self, fn, primals, plan, rows=None, layer_map=None):
-        split = Split(primals, plan, layer_map)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
         itemsize = next(iter(primals.values())).element_size()
         size = rows_within(self.budget_bytes, len(wanted), split.tangent_size(plan), itemsize)
@@ -200,8 +198,8 @@ class LoopEngine(Engine):
 
     name = "loop"
 
-    def __call__(self, fn, primals, plan, rows=None, layer_map=None):
-        split = Split(primals, plan, layer_map)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
         replay = RngReplay(_device(primals))
         jvps = []
@@ -227,8 +225,8 @@ class SimEngine(Engine):
     name = "sim"
     single_pass = True
 
-    def __call__(self, fn, primals, plan, rows=None, layer_map=None):
-        split = Split(primals, plan, layer_map)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
         with torch.enable_grad(), layers.basis_hooks(split.routes, split.bases):
             value = fn(leaves)
@@ -286,8 +284,8 @@ class FiniteDifferenceEngine(Engine):
             raise ValueError(f"fd_step must be > 0, got {step}")
         self.step = float(step)
 
-    def __call__(self, fn, primals, plan, rows=None, layer_map=None):
-        split = Split(primals, plan, layer_map)
+    def __call__(self, fn, primals, plan, rows=None, users=None):
+        split = Split(primals, plan, users)
         replay = RngReplay(_device(primals))
         with torch.no_grad():
             with layers.basis_hooks(split.routes, split.bases):

@@ -27,7 +27,7 @@ from .engines import (
     rows_within,
 )
 from .errors import NonFiniteError
-from .layers import LayerMap
+from .layers import Users
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")
@@ -154,9 +154,8 @@ class ForwardGradient:
         self.rank = rank
         self.step = 0
         self._tangent_buffers: dict[int, torch.Tensor] = {}  # reused by the jvp engine, step to step
-        # model -> (its parameters' ids, its known layers), found (and checked) on first use
-        self._layer_maps: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], LayerMap]] = \
-            weakref.WeakKeyDictionary()
+        # model -> (its parameters' ids, the known modules using each weight), checked on first use
+        self._users: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Users]] = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -217,17 +216,17 @@ class ForwardGradient:
         return coeffs
 
     def coefficients_of(
-        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, layer_map: LayerMap | None = None
+        self, fn: Function, primals: dict[str, torch.Tensor], plan: TangentPlan, users: Users | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the engine and aggregate: ``(value, coefficients)`` on the plan's raw tangents.
 
         value is fn's output, () or (B,); coefficients are (k,) or (k, B). Checks that the loss and
         the jvps are finite, then advances the call counter (the next call draws new tangents).
-        ``layer_map``: the model's known layers (:class:`~frog.layers.LayerMap`), for the engines.
+        ``users``: the known modules using each weight (factored tangents reach the jvps through them).
         """
         comm = self.communicator
         with explained_forward_mode_errors(self.engine.name):
-            value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None, layer_map)
+            value, jvps = self.engine(fn, primals, plan, comm.rows(self.num_tangents) if comm else None, users)
         return value, self._aggregate(plan, value, jvps)
 
     def _aggregate(self, plan: TangentPlan, value: torch.Tensor, jvps: torch.Tensor) -> torch.Tensor:
@@ -246,22 +245,23 @@ class ForwardGradient:
         return coeffs
 
     def estimate(
-        self, fn: Function, primals: dict[str, torch.Tensor], layer_map: LayerMap | None = None
+        self, fn: Function, primals: dict[str, torch.Tensor], users: Users | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Value of scalar ``fn`` and the forward-gradient estimate for each named primal (same shapes).
 
-        ``layer_map``: the known layers of the model (weight perturbation; :meth:`layer_map`). With
-        ``input-span`` tangents a weight used by exactly one module that frog sees the inputs of gets
-        right factors in the span of those inputs, every other matrix plain low rank (warned once).
+        ``users``: primal name -> the known modules that alone use it as their weight (weight
+        perturbation with structured tangents; :meth:`weight_users`). With ``input-span`` tangents a
+        weight used by exactly one module that frog sees the inputs of gets right factors in the span
+        of those inputs, every other matrix plain low rank (warned once).
         """
         names = list(primals)
-        users = layer_map.users if layer_map is not None else {}
+        users = users or {}
         span = [b for b, name in enumerate(names) if self.tangents == "input-span" and primals[name].dim() >= 2
                 and len(users.get(name, ())) == 1 and layers.sees_inputs(users[name][0])]
         if self.tangents == "input-span":
             self._warn_low_rank([name for b, name in enumerate(names) if primals[name].dim() >= 2 and b not in span])
         plan = self.plan([p.shape for p in primals.values()], next(iter(primals.values())), names, span)
-        value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan, layer_map)
+        value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan, users)
         estimates = {name: plan.estimate(b, coeffs).to(tensor.dtype) for b, (name, tensor) in enumerate(primals.items())}
         return value, estimates
 
@@ -333,34 +333,30 @@ class ForwardGradient:
         def loss_at(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(wrapper, {f"model.{n}": t for n, t in tensors.items()}, (), strict=False)
 
-        layer_map = self.layer_map(model, loss_fn, params)
+        users = self.weight_users(model, loss_fn, params) if self.tangents in STRUCTURED else None
         with _frozen_running_stats(model, freeze=not self.engine.single_pass) as frozen:
-            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()}, layer_map)
+            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()}, users)
         if frozen:
             with torch.no_grad():
                 loss_fn(model)  # one plain pass updates the running statistics once
         return value, estimates
 
-    def layer_map(self, model: nn.Module, loss_fn, params: dict[str, torch.Tensor]) -> LayerMap:
-        """The known layers (Linear, Conv, Embedding) of ``model``, run with frog's forward-mode rules,
-        and, for structured tangents, the known modules using each weight.
+    def weight_users(self, model: nn.Module, loss_fn, params: dict[str, torch.Tensor]) -> Users:
+        """The known modules (Linear, Conv, Embedding) using each weight of ``model``, for structured tangents.
 
-        For structured tangents, on the first call for a model (and again when its parameters
-        change), one plain pass without gradients (running statistics and random numbers left as
-        they were) checks that each such weight is used by its modules only; weights used anywhere
-        else get dense tangents.
+        On the first call for a model (and again when its parameters change), one plain pass without
+        gradients (running statistics and random numbers left as they were) checks that each such
+        weight is used by its modules only; weights used anywhere else get dense tangents.
         """
         key = tuple(id(p) for p in params.values())
-        cached = self._layer_maps.get(model)
+        cached = self._users.get(model)
         if cached is None or cached[0] != key:
-            users = {}
-            if self.tangents in STRUCTURED:
-                candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
-                replay = RngReplay(next(iter(params.values())).device)
-                with _frozen_running_stats(model, freeze=True), torch.no_grad():
-                    users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
-                replay.reset()
-            cached = self._layer_maps[model] = (key, LayerMap.of(model, users))
+            candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
+            replay = RngReplay(next(iter(params.values())).device)
+            with _frozen_running_stats(model, freeze=True), torch.no_grad():
+                users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
+            replay.reset()
+            cached = self._users[model] = (key, users)
         return cached[1]
 
     def _activity_estimates(self, model, loss_fn, params):
@@ -390,7 +386,7 @@ class ForwardGradient:
             zeros = {f"block{b}": h.new_zeros(h.shape if per_sample else h.shape[1:]) for b, h in enumerate(outputs)}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
             with _frozen_running_stats(model, freeze=True), torch.no_grad():
-                _, coeffs = self.coefficients_of(losses_at, zeros, plan, self.layer_map(model, loss_fn, params))
+                _, coeffs = self.coefficients_of(losses_at, zeros, plan)
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
         output_grads = [plan.estimate(b, coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
         names = list(params)

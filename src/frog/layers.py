@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +108,10 @@ def check_uses(model: nn.Module, run: Callable[[], object], params: Mapping[str,
 
 
 class Site:
-    """One known module while an engine runs: its forward, its forward-mode rule, and, for a factored
-    weight block (``layout``), the output change along the factored tangent and the input basis."""
+    """One known module using a factored weight block (``layout``) while an engine runs: its forward,
+    its forward-mode rule, the output change along the factored tangent, and its input basis."""
 
-    def __init__(self, module: nn.Module, layout: LowRank | None = None) -> None:
+    def __init__(self, module: nn.Module, layout: LowRank) -> None:
         self.module, self.layout = module, layout
 
     # -- the layer and its tangent ---------------------------------------------------------------
@@ -294,39 +293,23 @@ def _resolved(args: tuple, held: tuple) -> tuple:
 Routes = Mapping[int, tuple[Sequence[nn.Module], LowRank]]  # block -> (modules using it, its layout)
 
 
-@dataclass(frozen=True)
-class LayerMap:
-    """The known layers of a model, for the engines: ``modules`` run with frog's forward-mode rules
-    (:func:`forward_rules`); ``users`` maps a weight's name to the known modules that alone use it,
-    through which a factored tangent of that weight reaches the jvps."""
-
-    modules: tuple[nn.Module, ...] = ()
-    users: Mapping[str, Sequence[nn.Module]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model: nn.Module, users: Mapping[str, Sequence[nn.Module]] | None = None) -> LayerMap:
-        return cls(tuple(module for module in model.modules() if known(module)), users or {})
+Users = Mapping[str, Sequence[nn.Module]]  # weight name -> the known modules that alone use it
 
 
 @contextmanager
-def forward_rules(modules: Sequence[nn.Module], routes: Routes, packed: Mapping[int, torch.Tensor],
-                  bases: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Within the context, every known module in ``modules`` (and of ``routes``) runs as :class:`_Layer`:
-    forward-mode rules without products with zero tangents, and for a routed weight block b the change
-    along the factored tangent carried by the tangent of ``packed[b]``. Input-span blocks find their
-    basis at their first call (stored in ``bases``; later calls of the same weight reuse it); when the
-    layer's inputs span the whole space the block stays plain low rank (no entry)."""
-    routed = {id(m): (b, layout) for b, (mods, layout) in routes.items() for m in mods}
-    patched = {id(m): m for m in (*modules, *(m for mods, _ in routes.values() for m in mods))}
+def forward_rules(routes: Routes, packed: Mapping[int, torch.Tensor], bases: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Within the context, every module of ``routes`` runs as :class:`_Layer`: its output's tangent gains
+    the change along the factored tangent of its weight block b, carried by the tangent of ``packed[b]``
+    (and PyTorch's products of the constant weight's zero tangent are skipped). Input-span blocks find
+    their basis at their first call (stored in ``bases``; later calls of the same weight reuse it); when
+    the layer's inputs span the whole space the block stays plain low rank (no entry)."""
+    routed = {id(m): (m, b, layout) for b, (mods, layout) in routes.items() for m in mods}
 
-    def rule(module: nn.Module):
-        block, layout = routed.get(id(module), (None, None))
+    def rule(module: nn.Module, block: int, layout: LowRank):
         site = Site(module, layout)
 
         def forward(input: torch.Tensor) -> torch.Tensor:
             (x, weight, bias), held = _split_held(input, module.weight, getattr(module, "bias", None))
-            if block is None:
-                return _Layer.apply(x, weight, bias, None, None, site, held)
             if layout.span and block not in bases and site.spans_less(input):
                 output, bases[block] = _SpanLayer.apply(x, weight, bias, packed[block], site, held)
                 return output
@@ -334,12 +317,12 @@ def forward_rules(modules: Sequence[nn.Module], routes: Routes, packed: Mapping[
 
         return forward
 
-    for module in patched.values():
-        module.forward = rule(module)
+    for module, block, layout in routed.values():
+        module.forward = rule(module, block, layout)
     try:
         yield
     finally:
-        for module in patched.values():
+        for module, _, _ in routed.values():
             del module.forward
 
 
