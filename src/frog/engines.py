@@ -17,7 +17,10 @@ fd       central differences (f(x+hv)-f(x-hv))/(2h)    2k + 1 forwards          
 ``jvp`` and ``loop`` are true forward mode (no backward pass); ``sim`` gives the same numbers from
 the exact gradient (how the paper computed them); ``fd`` needs no forward-mode rules at all.
 The memory column is for a plan that does not keep its blocks (tangents beyond the estimator's
-budget); a plan that keeps them holds k x n for the whole step, whatever the engine.
+budget); a plan that keeps them holds k x n for the whole step, whatever the engine. Structured
+(low-rank) blocks are held as their factors, k r (m + n) numbers, and a Linear, Conv or Embedding
+whose weight has them takes them through :mod:`frog.layers`, never as dense tangents; other modules'
+factored weights are formed densely for that block only.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ has the tangent U^T V (U: (r, m), already divided by sqrt(r); V: (r, n)), the la
 - ConvNd    y = conv(x, W) + b:  dy = sum_r U_r conv(x, V_r)        (V_r as a one-channel kernel)
 - Embedding y = W[idx]:          dy = U^T[idx] V                     (zero at padding_idx, as autograd)
 
-The engines add this change through forward hooks while the weight itself takes no tangent: to the
-output's tangent under ``jvp`` and ``loop`` (:func:`tangent_hooks`), to its value times +-h under
-``fd`` (:func:`shift_hooks`). Input-span tangents (right factors V = rho Q^T, Q an orthonormal basis
-of the layer's inputs in the batch, or of its input patches for a convolution) get Q from the layer's
-input while it runs (:func:`basis_hooks`, and :func:`tangent_hooks` in forward mode).
+The weight itself takes no tangent. Under ``jvp`` and ``loop`` each such module runs as a custom
+function whose forward-mode rule adds the change to its output's tangent (:func:`forward_rules`, all
+k tangents in one vectorized pass); under ``fd`` a forward hook adds +-h times the change to its
+output's value (:func:`shift_hooks`). Input-span tangents (right factors V = rho Q^T, Q an orthonormal
+basis of the layer's inputs in the batch, or of its input patches for a convolution) take Q from
+the layer's input while it runs (:func:`forward_rules`; :func:`basis_hooks` for ``sim`` and ``fd``).
 
 :func:`weight_users` finds the known modules that use each weight; :func:`check_uses` runs the model
 once and keeps only the weights that nothing else touches (others fall back to dense tangents).
