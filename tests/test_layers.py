@@ -5,6 +5,7 @@ without forming them; input-span tangents lie in the span of each layer's inputs
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,3 +241,5 @@ def test_structured_tangents_bad_input():
             frog.ForwardGradient(4, tangents=kind, perturbation="activity")
     with pytest.raises(ValueError, match="only used with tangents='lowrank'"):
         frog.ForwardGradient(4, tangents="normal", rank=2)
+    with pytest.raises(ValueError, match="distributed data mode"):
+        frog.ForwardGradient(4, tangents="input-span", communicator=SimpleNamespace(mode="data"))

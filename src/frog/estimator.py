@@ -138,6 +138,9 @@ class ForwardGradient:
         if tangents in STRUCTURED and perturbation == "activity":
             raise ValueError(f"tangents={tangents!r} structures weight tangents, but perturbation='activity' "
                              "perturbs block outputs: use perturbation='weight' (or tangents='normal')")
+        if tangents == "input-span" and communicator is not None and communicator.mode == "data":
+            raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
+                             "distributed data mode: use the tangent mode (--distributed tangent) or tangents='lowrank'")
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
