@@ -15,7 +15,7 @@ Results: OUT/sweep.csv, OUT/table.csv, and each training's folder (metrics.csv, 
 Everything resumes: a rerun skips what is written and continues interrupted trainings.
 
     python benchmarks/structured_training.py [--widths 256 1024] [--methods ...] [--epochs 5]
-        [--grid 0.01 0.03 0.1 0.3 1 3 10 30] [--engine jvp] [--out runs/structured]
+        [--grid 0.01 0.03 0.1 0.3 1 3 10 30] [--engine jvp] [--sweep-only] [--out runs/structured]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--engine", default="jvp")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweeps")
     parser.add_argument("--out", default="runs/structured")
     args = parser.parse_args()
     out = Path(args.out)
@@ -85,7 +86,7 @@ def main() -> None:
                 losses[lr] = math.inf if row["diverged"] == "true" else float(row["val_loss"])
                 print(f"sweep w{width} {method:<10} lr {lr:<6g} val loss {losses[lr]:.4f}", flush=True)
             best = min(losses, key=losses.get)
-            if any((r["width"], r["method"]) == (str(width), method) for r in table.rows):
+            if args.sweep_only or any((r["width"], r["method"]) == (str(width), method) for r in table.rows):
                 continue
             rows = train(TrainConfig(**base, lr=best, epochs=args.epochs, engine=args.engine, patience=args.epochs),
                          out / f"w{width}_{method}", resume=True, **quiet)
