@@ -15,7 +15,7 @@ Results: OUT/sweep.csv, OUT/table.csv, and each training's folder (metrics.csv, 
 Everything resumes: a rerun skips what is written and continues interrupted trainings.
 
     python benchmarks/structured_training.py [--widths 256 1024] [--methods ...] [--epochs 5]
-        [--grid 0.01 0.03 0.1 0.3 1 3 10 30] [--engine jvp] [--sweep-only] [--out runs/structured]
+        [--grid 0.01 0.03 ... 100 300] [--engine jvp] [--sweep-only] [--out runs/structured]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30])
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--engine", default="jvp")
     parser.add_argument("--data-dir", default=None)
