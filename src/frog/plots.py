@@ -60,7 +60,8 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
             if row["function"] == function:
                 k = f" k={row['k']}" if row["k"] not in (None, "") else ""
                 angle = f" {row['angle']} deg" if row.get("angle") not in (None, "") else ""
-                lines[f"{row['method']}{k}{angle}"].append(row)
+                optimizer = f" {row['optimizer']}" if row.get("optimizer", "sgd") != "sgd" else ""
+                lines[f"{row['method']}{k}{angle}{optimizer}"].append(row)
         for label, points in sorted(lines.items()):
             points.sort(key=lambda r: int(r["n"]))
             dims = [int(r["n"]) for r in points]
