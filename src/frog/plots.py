@@ -82,3 +82,40 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_tune(studies: dict[str, Sequence[Row]], path: Path) -> Path:
+    """Objective against lr (log scale) for each study of a tune, one panel each: complete trials as
+    dots (the best as a star), pruned ones as crosses at their last reported value, diverged ones
+    as triangles on the top edge."""
+    names = list(studies)
+    cols = min(3, len(names))
+    rows_ = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for name, ax in zip(names, axes.flat, strict=False):
+        trials = studies[name]
+        complete = [(float(t["lr"]), float(t["value"])) for t in trials if t["state"] == "complete"]
+        pruned = [(float(t["lr"]), float(t["last_value"])) for t in trials
+                  if t["state"] == "pruned" and t["last_value"] is not None]
+        diverged = [float(t["lr"]) for t in trials if t["state"] == "diverged"]
+        if complete:
+            ax.scatter(*zip(*complete, strict=True), s=14, label="complete")
+            ax.scatter(*min(complete, key=lambda p: p[1]), marker="*", s=140, color="C3", label="best", zorder=3)
+        if pruned:
+            ax.scatter(*zip(*pruned, strict=True), marker="x", s=18, color="C1", label="pruned")
+        values = [v for _, v in complete + pruned]
+        if values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")
+        if diverged:
+            top = max(values) if values else 1.0
+            ax.scatter(diverged, [top] * len(diverged), marker="^", s=18, color="C7", label="diverged")
+        ax.set_xscale("log")
+        ax.set(title=name.split(" ", 1)[-1], xlabel="lr", ylabel="objective")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..functions import get_function
 from ..lrs import math_lr, table_lr
 from ..methods import check_method_name, estimator_for
-from ..optimize import gradient_descent
+from ..optimize import DescentResult, gradient_descent
 from ..results import CsvLog, text
 from ..strategies import DEFAULT_LR, check_strategy
 from ..tangents import check_kind
@@ -123,13 +123,7 @@ def run_all(
     for run in tqdm(runs, desc="optimize", disable=not progress, unit="run"):
         if run.key() in done:
             continue
-        function = get_function(run.function)
-        options = {"engine": engine, "seed": run.seed}
-        if run.angle is not None:
-            options.update(tangents="angle", angle=run.angle)
-        estimator = estimator_for(run.method, run.k or 1, **options)
-        total = function.steps if steps is None else steps
-        result = gradient_descent(function, function.start(run.n), run.lr, total, estimator, optimizer=run.optimizer)
+        result = descend(run, engine=engine, steps=steps)
         row = {
             "function": run.function, "n": run.n, "method": run.method, "k": run.k, "seed": run.seed,
             "lr": run.lr, "best_value": result.best_value, "final_value": result.final_value,
@@ -140,6 +134,21 @@ def run_all(
         if log is not None:
             log.append(row)
         yield row
+
+
+def descend(
+    run: Run, *, engine: str = "jvp", steps: int | None = None, on_step: Callable[[int, float], None] | None = None
+) -> DescentResult:
+    """One run: descent on its function from the paper's start, ``steps`` steps (default: the
+    function's budget); ``on_step(t, best)`` as in :func:`frog.optimize.gradient_descent`."""
+    function = get_function(run.function)
+    options = {"engine": engine, "seed": run.seed}
+    if run.angle is not None:
+        options.update(tangents="angle", angle=run.angle)
+    estimator = estimator_for(run.method, run.k or 1, **options)
+    total = function.steps if steps is None else steps
+    return gradient_descent(function, function.start(run.n), run.lr, total, estimator,
+                            optimizer=run.optimizer, on_step=on_step)
 
 
 SUMMARY_COLUMNS = ["function", "n", "method", "k", "angle", "optimizer", "runs", "diverged", "best_mean", "best_std",
