@@ -52,6 +52,13 @@ def test_rerun_adds_no_trials_and_more_trials_continue(tmp_path):
     assert len(more) == 6 and more[:4] == first
 
 
+def test_calls_into_one_folder_build_one_table(tmp_path):
+    for method in ("fg-mean", "frog"):
+        assert main([*TINY, "--methods", method, "--trials", "3", "--out", str(tmp_path)]) == 0
+    assert sorted(r["gradient_approach"] for r in read(tmp_path / "lrs.csv")) == ["fg-mean", "frog"]
+    assert len(read(tmp_path / "trials.csv")) == 6
+
+
 def test_same_seed_same_trials(tmp_path):
     for name in ("a", "b"):
         assert main([*TINY, "--methods", "frog", "--trials", "5", "--seed", "3", "--out", str(tmp_path / name)]) == 0

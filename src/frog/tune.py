@@ -280,38 +280,51 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
     return rows
 
 
-def best_row(setting: Setting, rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
-    """The lrs.csv row of a setting: the lr of its best complete trial, or None if none completed."""
+def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
+    """The lrs.csv row of a setting's trials: the lr of its best complete trial, None if none completed."""
     complete = [r for r in rows if r["state"] == "complete"]
     if not complete:
         return None
     best = min(complete, key=lambda r: float(r["value"]))
     done = sum(r["state"] in ("complete", "pruned", "diverged") for r in rows)
-    return {**setting.key, "lr": best["lr"], "objective": best["value"], "trials": done}
+    return {**best, "objective": best["value"], "trials": done}
 
 
-_cache: dict[str, list[dict[str, object]]] = {}
+_cache: dict[tuple[str, str], list[dict[str, object]]] = {}  # (storage, study) -> trial rows
+
+
+def stored_settings(job: TuneJob) -> list[Setting]:
+    """The settings of every study of this kind in the storage (earlier calls' too), oldest first."""
+    kind = job.settings[0].kind
+    settings = []
+    for summary in optuna.get_all_study_summaries(open_storage(job.storage), include_best_trial=False):
+        saved = summary.user_attrs.get("setting")
+        if saved is not None and saved["kind"] == kind:
+            settings.append(Setting(kind, saved["key"], saved["options"], 0.0))
+    return settings
 
 
 def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False) -> list[dict[str, object]]:
-    """Rewrite trials.csv and lrs.csv (and tune.png when ``plot``) from the storage.
+    """Rewrite trials.csv and lrs.csv (and tune.png when ``plot``) from the storage: every study of
+    this kind in it, so several calls into one folder build one table.
 
     ``only``: reload just that setting's trials (after each trial); the others come from the last
     full load. Files are replaced atomically, so several workers may write them."""
-    for setting in job.settings:
-        if only is None or setting.name == only.name or setting.name not in _cache:
-            _cache[setting.name] = trial_rows(job, setting)
+    settings = [only] if only is not None and (job.storage, only.name) in _cache else stored_settings(job)
+    for setting in settings:
+        _cache[(job.storage, setting.name)] = trial_rows(job, setting)
+    names = [name for storage, name in _cache if storage == job.storage]
     kind = job.settings[0].kind
     columns = SETTING_COLUMNS[kind]
     table_columns = [*columns[:4], "lr", *columns[4:], "objective", "trials"]
-    trials = [row for s in job.settings for row in _cache[s.name]]
-    best = [b for s in job.settings if (b := best_row(s, _cache[s.name])) is not None]
+    trials = [row for name in names for row in _cache[(job.storage, name)]]
+    best = [b for name in names if (b := best_row(_cache[(job.storage, name)])) is not None]
     _atomic(job.out_dir / "trials.csv", lambda p: write_csv(p, [*columns, *TRIAL_COLUMNS], trials))
     _atomic(job.out_dir / "lrs.csv", lambda p: write_csv(p, table_columns, best))
     if plot:
         from .plots import plot_tune
 
-        _atomic(job.out_dir / "tune.png", lambda p: plot_tune({s.name: _cache[s.name] for s in job.settings}, p))
+        _atomic(job.out_dir / "tune.png", lambda p: plot_tune({n: _cache[(job.storage, n)] for n in names}, p))
     return best
 
 
