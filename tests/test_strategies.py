@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import autograd_grad, gen
 
 from frog import ForwardGradient
 from frog.optimize import gradient_descent
 from frog.strategies import ArmijoLineSearch, NormalizedSGD, make_optimizer, module_loss_at, take_step
-
-from conftest import autograd_grad, gen
 
 
 def quadratic(n: int, seed: int):
@@ -102,3 +101,36 @@ def test_optimizer_errors_say_what_to_change():
         make_optimizer("normalized", [torch.zeros(2)], -1.0)
     with pytest.raises(ValueError, match="step\\(loss_at\\)"):
         ArmijoLineSearch([torch.zeros(2)]).step()
+
+
+@pytest.mark.parametrize("optimizer", ["line-search", "normalized", "adam"])
+def test_train_with_each_strategy_resumes_exactly(tmp_path, optimizer):
+    """Two epochs straight equal one epoch plus a resumed one (the strategy's state is checkpointed)."""
+    from frog.train import TrainConfig, train
+
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=4, engine="sim",
+                         epochs=2, optimizer=optimizer, seed=1)
+    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
+
+    def interrupt(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1 (its row and checkpoint written)
+        train(config, tmp_path / "b", progress=False, log=lambda s: None, on_epoch=interrupt)
+    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in straight]
+    passes = float(straight[-1]["extra_forward_passes_per_step"])
+    assert passes >= 2 if optimizer == "line-search" else passes == 0
+    assert float(straight[-1]["val_loss"]) < float(straight[0]["train_loss"]) + 1.0
+
+
+def test_optimize_cli_records_the_strategy_and_its_passes(tmp_path):
+    from frog.cli import main
+    from frog.results import read_csv
+
+    assert main(["optimize", "--function", "sphere", "--dims", "16", "-k", "4", "--methods", "fg-mean", "frog",
+                 "--seeds", "0", "--steps", "50", "--optimizer", "line-search", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "optimization.csv")[1]
+    assert {r["optimizer"] for r in rows} == {"line-search"}
+    assert all(float(r["extra_forward_passes_per_step"]) >= 2 and float(r["best_value"]) < 16 for r in rows)
+    assert float(rows[0]["lr"]) == 1.0  # the line search's default first trial step
