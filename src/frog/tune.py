@@ -243,8 +243,8 @@ def _fail_dead_trials(study: optuna.Study) -> None:
         if trial.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker got there first
         _retry(study, trial)
 
