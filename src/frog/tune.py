@@ -280,14 +280,24 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
     return rows
 
 
+TIE = 1e-9  # relative: complete trials within this of the best value reached the same best
+
+
 def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
-    """The lrs.csv row of a setting's trials: the lr of its best complete trial, None if none completed."""
+    """The lrs.csv row of a setting's trials, None if none completed.
+
+    Its lr is the best complete trial's; when several reach the best value (within TIE relative, as
+    on the sphere, where a wide range of lr converges to 0), the median lr of those (lower median):
+    the middle of the plateau, away from both divergence and slow progress."""
     complete = [r for r in rows if r["state"] == "complete"]
     if not complete:
         return None
-    best = min(complete, key=lambda r: float(r["value"]))
+    best = min(float(r["value"]) for r in complete)
+    ties = sorted((r for r in complete if float(r["value"]) <= best + TIE * max(1.0, abs(best))),
+                  key=lambda r: float(r["lr"]))
+    chosen = ties[(len(ties) - 1) // 2]
     done = sum(r["state"] in ("complete", "pruned", "diverged") for r in rows)
-    return {**best, "objective": best["value"], "trials": done}
+    return {**chosen, "objective": chosen["value"], "trials": done, "ties": len(ties)}
 
 
 _cache: dict[tuple[str, str], list[dict[str, object]]] = {}  # (storage, study) -> trial rows
@@ -316,7 +326,7 @@ def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False)
     names = [name for storage, name in _cache if storage == job.storage]
     kind = job.settings[0].kind
     columns = SETTING_COLUMNS[kind]
-    table_columns = [*columns[:4], "lr", *columns[4:], "objective", "trials"]
+    table_columns = [*columns[:4], "lr", *columns[4:], "objective", "trials", "ties"]
     trials = [row for name in names for row in _cache[(job.storage, name)]]
     best = [b for name in names if (b := best_row(_cache[(job.storage, name)])) is not None]
     _atomic(job.out_dir / "trials.csv", lambda p: write_csv(p, [*columns, *TRIAL_COLUMNS], trials))
