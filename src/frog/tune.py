@@ -4,8 +4,9 @@ A setting is what one step size is for: (function, n, method, k) for closed-form
 (model, dataset, method, k) for networks, with the strategy (``--optimizer``). Each setting gets an
 Optuna study in one storage (SQLite in the output folder unless ``storage`` names another database):
 
-- **search**: TPE over lr on a log scale within [lo, hi]; proposals depend only on (seed, worker,
-  trial number) and the study's history, so one worker with the same seed repeats a tune exactly;
+- **search**: TPE over lr on a log scale within [lo, hi]; proposals depend only on (seed, setting,
+  worker, trial number) and the study's history, so one worker with the same seed repeats a tune
+  exactly;
 - **objective** (minimized): the best value of the function (mean over seeds) or the best
   validation loss of the network; a run that diverges is a failed trial: no objective, never the
   best, ``diverged`` in trials.csv (Optuna keeps it as pruned, so TPE learns to avoid its lr);
@@ -28,6 +29,7 @@ import re
 import socket
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -181,8 +183,8 @@ def work(job: TuneJob, worker: int, log: Callable[[str], None] = print) -> None:
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if done + running >= job.trials:
                 break
-            study.sampler = optuna.samplers.TPESampler(
-                seed=derive_seed(job.seed, worker, len(trials)) % 2**32,
+            study.sampler = optuna.samplers.TPESampler(  # each study its own stream of proposals
+                seed=derive_seed(job.seed, zlib.crc32(setting.name.encode()), worker, len(trials)) % 2**32,
                 n_startup_trials=max(3, min(10, job.trials // 4)))
             study.optimize(_trial_function(job, setting, lo, hi, worker, log), n_trials=1, catch=())
             write_outputs(job, only=setting)
