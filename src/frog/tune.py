@@ -50,7 +50,7 @@ SETTING_COLUMNS = {
 TRIAL_COLUMNS = ["number", "lr", "value", "state", "last_checkpoint", "last_value", "seconds", "worker",
                  "retry_of"]
 CHECKPOINTS_PER_SEED = 10  # intermediate values reported per seed of a closed-form run
-WARMUP = {"optimize": 2, "train": 0}  # checkpoints before the median rule may prune
+WARMUP = {"optimize": 3, "train": 0}  # the median rule may prune from this reported step on (steps from 1)
 FALLBACK_GUESS = 1e-2  # centre of the default range of plain SGD where the paper has no step size
 HEARTBEAT_S, GRACE_S = 60, 180
 
