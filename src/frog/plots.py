@@ -106,8 +106,10 @@ def plot_tune(studies: dict[str, Sequence[Row]], path: Path) -> Path:
         if pruned:
             ax.scatter(*zip(*pruned, strict=True), marker="x", s=18, color="C1", label="pruned")
         values = [v for _, v in complete + pruned]
-        if values and min(values) > 0 and max(values) / min(values) > 100:
-            ax.set_yscale("log")
+        positive = [v for v in values if v > 0]
+        if values and min(values) >= 0 and positive and max(values) > 100 * min(positive):
+            ax.set_yscale("symlog", linthresh=min(positive))  # log scale that also shows exact zeros
+            ax.set_ylim(bottom=0)
         if diverged:
             top = max(values) if values else 1.0
             ax.scatter(diverged, [top] * len(diverged), marker="^", s=18, color="C7", label="diverged")
