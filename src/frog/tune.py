@@ -140,7 +140,7 @@ def prepare(job: TuneJob) -> None:
         if saved is None:
             study.set_user_attr("setting", wanted)
         elif saved != wanted:
-            diff = [f"{c}: {saved[c]} here, {wanted[c]} now" for c in ("options", "lr_range") if saved[c] != wanted[c]]
+            diff = [f"{c}: {saved[c]} before, {wanted[c]} now" for c in ("options", "lr_range") if saved[c] != wanted[c]]
             raise ValueError(f"the study '{setting.name}' in {job.storage} was tuned with other settings "
                              f"({'; '.join(diff)}); use another --out or --storage")
 
@@ -212,6 +212,10 @@ def _trial_function(job: TuneJob, setting: Setting, lo: float, hi: float, worker
             trial.set_user_attr("diverged", True)
             outcome = "diverged"
             raise optuna.TrialPruned() from None  # kept as pruned: TPE then ranks it below every complete trial
+        except KeyboardInterrupt:  # Optuna fails the trial; its lr runs again on the rerun
+            outcome = "interrupted"
+            _retry(trial.study, trial)
+            raise
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - start)
             log(f"{setting.name}: trial {trial.number} lr {lr:.4g}: {outcome} ({time.perf_counter() - start:.1f} s)")
@@ -231,8 +235,9 @@ def status(trial: optuna.trial.FrozenTrial) -> str:
     return {TrialState.FAIL: "failed"}.get(trial.state, trial.state.name.lower())
 
 
-def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Run a killed trial's lr again (Optuna calls this for trials whose heartbeat stopped)."""
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.Trial) -> None:
+    """Run a killed or interrupted trial's lr again (Optuna calls this for trials whose heartbeat
+    stopped); the new trial records which one it retries (its network run resumes from there)."""
     origin = trial.user_attrs.get("retry_of", trial.number)
     study.enqueue_trial(trial.params, user_attrs={"retry_of": origin})
 
@@ -443,8 +448,10 @@ def train_objective(job: TuneJob, setting: Setting, lr: float, report, trial) ->
     try:
         rows = train(config, out, resume=True, progress=False, log=lambda message: None, data=_datasets[where],
                      on_epoch=lambda row: report(int(row["epoch"]), float(row["val_loss"])))
-    finally:  # over (done or pruned) unless killed: keep metrics.csv and config.json, not the weights
+    except optuna.TrialPruned:
         (out / "checkpoint.pt").unlink(missing_ok=True)
+        raise
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # the trial is over: keep metrics.csv and config.json
     losses = [float(r["val_loss"]) for r in rows]
     if any(r["diverged"] == "true" for r in rows) or not all(math.isfinite(v) for v in losses):
         raise Diverged()
