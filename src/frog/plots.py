@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,7 +115,8 @@ def plot_tune(studies: dict[str, Sequence[Row]], path: Path) -> Path:
             top = max(values) if values else 1.0
             ax.scatter(diverged, [top] * len(diverged), marker="^", s=18, color="C7", label="diverged")
         ax.set_xscale("log")
-        ax.set(title=name.split(" ", 1)[-1], xlabel="lr", ylabel="objective")
+        ax.set(title=textwrap.fill(name.split(" ", 1)[-1].replace("gradient_approach=", ""), 50), xlabel="lr",
+               ylabel="objective")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     fig.tight_layout()
