@@ -14,9 +14,11 @@ import optuna
 import pytest
 
 from frog.cli import main
+from frog.lrs import math_lr
+from frog.tune import open_storage
 
 TINY = ["tune", "optimize", "--function", "sphere", "--dims", "8", "-k", "2", "--methods", "fg-mean", "frog",
-        "--steps", "60"]
+        "--steps", "40"]
 
 
 def read(path):
@@ -25,13 +27,14 @@ def read(path):
 
 
 def test_tiny_tune_writes_lrs_trials_and_plot(tmp_path):
-    assert main([*TINY, "--trials", "5", "--out", str(tmp_path)]) == 0
+    assert main([*TINY, "--trials", "4", "--out", str(tmp_path)]) == 0
     trials = read(tmp_path / "trials.csv")
     assert sorted({r["gradient_approach"] for r in trials}) == ["fg-mean", "frog"]
     for method in ("fg-mean", "frog"):
         mine = [r for r in trials if r["gradient_approach"] == method]
-        assert len(mine) == 5 and {r["state"] for r in mine} <= {"complete", "pruned", "diverged"}
-        assert all(0.1 / 100 <= float(r["lr"]) <= 0.1 * 100 or method == "frog" for r in mine)
+        assert len(mine) == 4 and {r["state"] for r in mine} <= {"complete", "pruned", "diverged"}
+        guess = math_lr("sphere", 8, method, 2)  # the default range: 4 decades around the paper's step size
+        assert all(guess / 100 <= float(r["lr"]) <= guess * 100 for r in mine)
     lrs = read(tmp_path / "lrs.csv")
     assert list(lrs[0])[:5] == ["function", "n", "gradient_approach", "k", "lr"]
     for row in lrs:  # the best complete trial; among trials that tie for the best value, the median lr
@@ -39,7 +42,7 @@ def test_tiny_tune_writes_lrs_trials_and_plot(tmp_path):
         best = min(float(r["value"]) for r in complete)
         ties = sorted(float(r["lr"]) for r in complete if float(r["value"]) - best <= 1e-9 * max(1, abs(best)))
         assert float(row["lr"]) == ties[(len(ties) - 1) // 2] and int(row["ties"]) == len(ties)
-        assert float(row["objective"]) - best <= 1e-9 * max(1, abs(best)) and row["trials"] == "5"
+        assert float(row["objective"]) - best <= 1e-9 * max(1, abs(best)) and row["trials"] == "4"
     assert (tmp_path / "tune.png").stat().st_size > 1000
 
 
@@ -63,13 +66,14 @@ def test_calls_into_one_folder_build_one_table(tmp_path):
 
 def test_same_seed_same_trials(tmp_path):
     for name in ("a", "b"):
-        assert main([*TINY, "--methods", "frog", "--trials", "5", "--seed", "3", "--out", str(tmp_path / name)]) == 0
+        assert main([*TINY, "--methods", "frog", "--trials", "4", "--seed", "3", "--out", str(tmp_path / name)]) == 0
     keep = ("number", "lr", "value", "state")
     a, b = ([{c: r[c] for c in keep} for r in read(tmp_path / name / "trials.csv")] for name in ("a", "b"))
     assert a == b
 
 
-def _counted(storage: str) -> int:
+def _counted(url: str) -> int:
+    storage = open_storage(url)  # waits for SQLite's lock instead of failing while the tune writes
     summaries = optuna.get_all_study_summaries(storage)
     if not summaries:
         return 0
@@ -78,7 +82,7 @@ def _counted(storage: str) -> int:
 
 
 def test_killed_tune_resumes(tmp_path):
-    args = [*TINY, "--methods", "fg-mean", "--steps", "1500", "--trials", "6", "--out", str(tmp_path)]
+    args = [*TINY, "--methods", "fg-mean", "--steps", "1200", "--trials", "5", "--out", str(tmp_path)]
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "frog", *args], env=env, stdout=subprocess.DEVNULL,
@@ -95,10 +99,10 @@ def test_killed_tune_resumes(tmp_path):
         process.wait()
     before = {r["number"]: r for r in read(tmp_path / "trials.csv") if r["state"] != "running"} if (
         tmp_path / "trials.csv").exists() else {}
-    assert 2 <= _counted(storage) < 6, "the kill came too late to test a resume"
+    assert 2 <= _counted(storage) < 5, "the kill came too late to test a resume"
     assert main(args) == 0
     after = read(tmp_path / "trials.csv")
-    assert sum(r["state"] in ("complete", "pruned", "diverged") for r in after) == 6
+    assert sum(r["state"] in ("complete", "pruned", "diverged") for r in after) == 5
     assert all(after_row == before[after_row["number"]] for after_row in after if after_row["number"] in before)
     for killed in (r for r in after if r["state"] == "failed"):  # its lr runs again, once
         assert [r["lr"] for r in after if r["retry_of"] == killed["number"]] == [killed["lr"]]
@@ -107,7 +111,8 @@ def test_killed_tune_resumes(tmp_path):
 
 
 def test_workers_share_the_studies(tmp_path):
-    assert main([*TINY, "--methods", "fg-mean", "--trials", "6", "--workers", "2", "--out", str(tmp_path)]) == 0
+    args = [*TINY, "--methods", "fg-mean", "--steps", "300", "--trials", "6", "--workers", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
     trials = read(tmp_path / "trials.csv")
     assert 6 <= len(trials) <= 7  # a worker may start one trial while the other finishes the 6th
     assert {r["worker"] for r in trials} == {"0", "1"}
@@ -118,7 +123,7 @@ def test_lr_table_from_a_tune_is_used_by_optimize(tmp_path):
     assert main([*TINY, "--trials", "4", "--out", str(tmp_path / "tune")]) == 0
     table = {r["gradient_approach"]: r for r in read(tmp_path / "tune" / "lrs.csv")}
     assert main(["optimize", "--function", "sphere", "--dims", "8", "-k", "2", "--methods", "fg-mean", "frog",
-                 "--seeds", "0", "--steps", "60", "--lr-table", str(tmp_path / "tune" / "lrs.csv"),
+                 "--seeds", "0", "--steps", "40", "--lr-table", str(tmp_path / "tune" / "lrs.csv"),
                  "--out", str(tmp_path / "opt")]) == 0
     for row in read(tmp_path / "opt" / "optimization.csv"):
         tuned = table[row["method"]]
