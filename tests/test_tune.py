@@ -90,7 +90,7 @@ def test_killed_tune_resumes(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if (tmp_path / "tune.db").exists() and _counted(storage) >= 2:
+            if (tmp_path / "trials.csv").exists() and _counted(storage) >= 2:  # written after a trial: the schema is there
                 break
             time.sleep(0.2)
         time.sleep(0.3)  # most likely inside the next trial
