@@ -180,7 +180,9 @@ def work(job: TuneJob, worker: int, log: Callable[[str], None] = print) -> None:
             _fail_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
             done = sum(_counts(t) for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
+            # a running trial counts once it names its process; one killed before that (a few
+            # milliseconds after it began) is failed by its missing heartbeat after GRACE_S
+            running = sum(t.state == TrialState.RUNNING and "pid" in t.user_attrs for t in trials)
             if done + running >= job.trials:
                 break
             study.sampler = optuna.samplers.TPESampler(  # each study its own stream of proposals
