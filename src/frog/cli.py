@@ -12,6 +12,7 @@ from .engines import ENGINES
 from .functions import FUNCTIONS
 from .methods import METHOD_NAMES
 from .results import prepare_out_dir, read_csv, write_csv
+from .strategies import STRATEGIES
 
 POWERS_OF_TWO = [2**i for i in range(11)]
 
@@ -53,17 +54,34 @@ def _approx(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'approximation.csv'} and {out / 'approximation.png'}")
 
 
-def _add_optimize(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("optimize", help="gradient descent on closed-form functions (paper Fig. 4)")
+def _optimize_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
+    """Options of ``frog optimize``; under ``frog tune`` without the step-size ones (lr is searched)."""
     p.add_argument("--function", nargs="+", default=["styblinski-tang"], help=f"of {', '.join(FUNCTIONS)}")
     p.add_argument("--dims", nargs="+", type=int, default=[64], help="dimensions n")
     p.add_argument("--tangents", "-k", nargs="+", type=int, default=[1, 2, 4, 16], help="numbers of tangents k")
     p.add_argument("--methods", nargs="+", default=["bp", "fg-mean", "frog"], help=f"of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0] if tune else [0, 1, 2, 3, 4],
+                   help="seeds of each run" + (" (the objective is the mean of their best values)" if tune else ""))
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the paper's per function)")
-    p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table)")
+    _add_optimizer_option(p)
+    if not tune:
+        p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table for sgd)")
+        p.add_argument("--lr-table", default=None, help="CSV of step sizes instead of the paper's, e.g. a tune's lrs.csv")
+        p.add_argument("--lr-scale", type=float, default=1.0, help="multiply every step size by this factor")
     p.add_argument("--engine", default="jvp", choices=list(ENGINES))
     _add_sampler_options(p)
+
+
+def _add_optimizer_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizer", default="sgd", choices=list(STRATEGIES),
+                   help="step-size strategy: sgd (x - lr g), adam (default lr 1e-3), line-search (Armijo, "
+                        "forward passes only; lr = first trial step, default 1) or normalized (steps of length "
+                        "lr / sqrt(t + 1), default lr 1)")
+
+
+def _add_optimize(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("optimize", help="gradient descent on closed-form functions (paper Fig. 4)")
+    _optimize_options(p)
     p.add_argument("--out", default="runs/optimize", help="folder for optimization.csv, the summary and the plot")
     p.set_defaults(handler=_optimize)
 
@@ -75,7 +93,8 @@ def _optimize(args: argparse.Namespace) -> None:
     from .plots import plot_optimization
 
     angles = args.angles if args.sampler == "angle" else None
-    runs = plan_runs(args.function, args.dims, args.tangents, args.methods, args.seeds, args.lr, angles)
+    runs = plan_runs(args.function, args.dims, args.tangents, args.methods, args.seeds, args.lr, angles,
+                     optimizer=args.optimizer, lr_table=args.lr_table, lr_scale=args.lr_scale)
     out = prepare_out_dir(args.out)
     tqdm.write(f"{'function':<16} {'n':>5} {'method':<8} {'k':>3} {'seed':>4} {'best value':>14} {'minimum':>14}")
     for row in run_all(runs, out, engine=args.engine, steps=args.steps):
@@ -114,17 +133,21 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {report}")
 
 
-def _add_train(commands: argparse._SubParsersAction) -> None:
+def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
+    """Options of ``frog train``; under ``frog tune`` width, gradient and k take several values and
+    the step-size, resume and distributed options are left out."""
     from .train import TRAIN_SAMPLERS, TrainConfig
 
     d = TrainConfig()
-    p = commands.add_parser("train", help="train a network with backprop or forward gradients (paper Sec. 4.4-4.5)")
+    several = {"nargs": "+"} if tune else {}
     p.add_argument("--model", default=d.model, help="fc, conv, resnet18 or vit")
-    p.add_argument("--width", type=int, default=d.width, help="hidden width of the fc model")
+    p.add_argument("--width", type=int, default=[d.width] if tune else d.width, help="hidden width of the fc model",
+                   **several)
     p.add_argument("--dataset", default=d.dataset, help="digits (embedded), fashion-mnist, mnist or cifar10")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
-    p.add_argument("--gradient", default=d.gradient, help=f"of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--tangents", "-k", type=int, default=d.tangents)
+    p.add_argument("--gradient", default=[d.gradient] if tune else d.gradient, help=f"of {', '.join(METHOD_NAMES)}",
+                   **several)
+    p.add_argument("--tangents", "-k", type=int, default=[d.tangents] if tune else d.tangents, **several)
     p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers, autograd) or fd")
     p.add_argument("--perturbation", default=d.perturbation, help="activity (as the paper) or weight")
     p.add_argument("--sampler", default=d.sampler, choices=list(TRAIN_SAMPLERS),
@@ -132,19 +155,29 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
                         "lowrank (U V^T / sqrt(rank) per weight matrix) and input-span (right factors in the span "
                         "of each layer's inputs)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of lowrank / input-span tangents")
-    p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table)")
+    _add_optimizer_option(p)
+    if not tune:
+        p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table for sgd)")
+        p.add_argument("--lr-table", default=None, help="CSV of step sizes instead of the paper's, e.g. a tune's lrs.csv")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping on the validation loss")
     p.add_argument("--batch-size", type=int, default=None, help="default 64, 128 for cifar10")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the run" + (" (and of the search)" if tune else ""))
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--tangent-budget-mb", type=float, default=d.tangent_budget_mb,
                    help="memory for the tangents of one jvp pass; beyond it the jvp engine runs in chunks")
+    if tune:
+        return
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--distributed", default=None, choices=["tangent", "data"],
                    help="under torchrun: split the tangents (tangent) or the batch (data) over the ranks")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds before the ranks give up on a rank that died or hangs")
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="train a network with backprop or forward gradients (paper Sec. 4.4-4.5)")
+    _train_options(p)
     p.add_argument("--out", default="runs/train", help="folder for metrics.csv, config.json, checkpoint.pt")
     p.set_defaults(handler=_train)
 
@@ -159,7 +192,7 @@ def _train(args: argparse.Namespace) -> None:
         tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, sampler=args.sampler,
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        tangent_budget_mb=args.tangent_budget_mb,
+        tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
     )
     communicator = None
     if args.distributed:
@@ -179,6 +212,65 @@ def _train(args: argparse.Namespace) -> None:
         print(f"epoch {last['epoch']}: test accuracy {float(last['test_accuracy']):.4f}; wrote {args.out}/metrics.csv")
 
 
+TUNE_HELP = """Search the learning rate of each setting with Optuna (TPE over log10 lr, median pruning).
+
+One study per setting (function, n, method, k; or model, dataset, method, k), stored in SQLite in
+--out (or --storage); a rerun continues to --trials and never repeats a finished trial. Writes
+lrs.csv (the paper's table format: use it with --lr-table), trials.csv and tune.png. The default
+--lr-range is 4 decades around a guess: [guess / 100, guess * 100], the guess being the paper's
+step size for the setting (sgd; 1e-2 where the paper has none) or the optimizer's default lr."""
+
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("tune", help="search learning rates with Optuna (optimize or train)", description=TUNE_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = p.add_subparsers(dest="kind", required=True)
+    for kind, add_options in (("optimize", _optimize_options), ("train", _train_options)):
+        q = kinds.add_parser(kind, help=f"tune the step sizes of `frog {kind}`", description=TUNE_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_options(q, tune=True)
+        q.add_argument("--trials", type=int, required=True, help="trials per setting (complete, pruned or diverged)")
+        q.add_argument("--out", default=f"runs/tune-{kind}", help="folder for lrs.csv, trials.csv, tune.png, tune.db")
+        q.add_argument("--storage", default=None,
+                       help="Optuna RDB URL (default: sqlite in --out), e.g. postgresql://user:pw@host/db to let "
+                            "workers on several machines join one study")
+        q.add_argument("--workers", type=int, default=1, help="processes on this machine")
+        q.add_argument("--lr-range", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                       help="search range of lr (default: [guess / 100, guess * 100], see above)")
+        if kind == "optimize":
+            q.add_argument("--seed", type=int, default=0, help="seed of the search")
+        q.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from . import tune
+    from .train import TrainConfig
+
+    tune.check_options(args.trials, args.lr_range, args.workers)
+    if args.kind == "optimize":
+        angles = args.angles if args.sampler == "angle" else None
+        settings = tune.optimize_settings(args.function, args.dims, args.tangents, args.methods, seeds=args.seeds,
+                                          steps=args.steps, engine=args.engine, optimizer=args.optimizer, angles=angles)
+    else:
+        base = replace(TrainConfig(), model=args.model, dataset=args.dataset, engine=args.engine,
+                       perturbation=args.perturbation, sampler=args.sampler, rank=args.rank,
+                       epochs=args.epochs, patience=args.patience,
+                       batch_size=args.batch_size, seed=args.seed, device=args.device,
+                       tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer)
+        settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
+    out = prepare_out_dir(args.out)
+    job = tune.TuneJob(tuple(settings), args.trials, out, args.storage or tune.default_storage(out), seed=args.seed,
+                       workers=args.workers, lr_range=tuple(args.lr_range) if args.lr_range else None,
+                       data_dir=getattr(args, "data_dir", None))
+    best = tune.run(job)
+    for row in best:
+        print(f"{' '.join(f'{c}={row[c]}' for c in tune.SETTING_COLUMNS[args.kind] if row.get(c) is not None)}: "
+              f"lr {float(row['lr']):.4g}, objective {float(row['objective']):.6g} ({row['trials']} trials)")
+    print(f"wrote {out / 'lrs.csv'}, trials.csv and tune.png ({job.storage})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frog", description="Multi-tangent forward gradients.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(commands)
     _add_reproduce(commands)
     _add_train(commands)
+    _add_tune(commands)
     return parser
 
 

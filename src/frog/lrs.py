@@ -1,10 +1,13 @@
-"""The paper's step sizes, shipped as package data (``frog/lrs/*.csv``)."""
+"""Step-size tables: the paper's, shipped as package data (``frog/lrs/*.csv``), and tuned ones
+(``frog tune`` writes ``lrs.csv`` in the same format; ``--lr-table PATH`` reads it)."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 TABLES = ("math", "math__custom_tangents", "fc_nns", "sota_nns")
 
@@ -22,17 +25,48 @@ def _k_of(text: str) -> int | None:
     return int(float(text)) if text else None
 
 
+def _find(rows: Sequence[dict[str, str]], where: str, hint: str, **key: object) -> float:
+    """The ``lr`` of the first row whose columns equal ``key`` (``k`` as an integer, None for bp;
+    the rest as text, None as empty); ValueError naming the missing combination otherwise."""
+    for row in rows:
+        if all(_k_of(row[c]) == v if c == "k" else row[c] == ("" if v is None else str(v)) for c, v in key.items()):
+            return float(row["lr"])
+    described = ", ".join(f"{c}={v}" for c, v in key.items() if v is not None or c == "k")
+    raise ValueError(f"{where} has no step size for {described}; {hint}")
+
+
 def lookup(table: str, **key: object) -> float:
-    """The ``lr`` of the unique row of ``table`` whose columns equal ``key``.
+    """The ``lr`` of the row of the paper's ``table`` whose columns equal ``key``.
 
     ``k`` is compared as an integer (None for bp); other values as strings. Raises ValueError
     naming the missing combination.
     """
-    for row in load_table(table):
-        if all(_k_of(row[c]) == v if c == "k" else row[c] == str(v) for c, v in key.items()):
-            return float(row["lr"])
-    described = ", ".join(f"{c}={v}" for c, v in key.items())
-    raise ValueError(f"the paper's table {table}.csv has no step size for {described}; give one with --lr")
+    return _find(load_table(table), f"the paper's table {table}.csv", "give one with --lr", **key)
+
+
+def table_lr(path: str | Path, strategy: str = "sgd", **key: object) -> float:
+    """The ``lr`` for ``key`` in the CSV table at ``path`` (``--lr-table``), e.g. a tune's ``lrs.csv``.
+
+    Every column of ``key`` must be in the table. A ``strategy`` column, when the table has one,
+    must equal ``strategy``; a table without it holds SGD step sizes (as the paper's tables).
+    """
+    try:
+        with Path(path).open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows, header = list(reader), reader.fieldnames or []
+    except OSError as error:
+        raise ValueError(f"cannot read the learning-rate table {path}: {error.strerror or error}") from None
+    required = ["lr", *(c for c, v in key.items() if v is not None or c == "k")]  # angle None: optional
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path} is not a learning-rate table for this command: it lacks the column(s) "
+                         f"{', '.join(missing)} (its columns: {', '.join(header) or 'none'})")
+    if "strategy" in header:
+        key = {**key, "strategy": strategy}
+    elif strategy != "sgd":
+        raise ValueError(f"{path} has no strategy column: its step sizes are for sgd, not --optimizer {strategy}")
+    key = {c: v for c, v in key.items() if c in header}
+    return _find(rows, str(path), "tune it with `frog tune` or give --lr", **key)
 
 
 def math_lr(function: str, n: int, method: str, k: int | None, angle: float | None = None) -> float:
@@ -55,10 +89,11 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
     """
     k = None if method == "bp" else k
     table_dataset = dataset if dataset in ("mnist", "cifar10") else "mnist"
+    row_model = model_row_name(model, width)
     if model == "fc":
-        table, row_model = "fc_nns", f"fc_w={width}"
+        table = "fc_nns"
     elif model in ("resnet18", "vit"):
-        table, row_model = "sota_nns", model
+        table = "sota_nns"
     else:
         raise ValueError(f"the paper has no step size for model {model!r}; give one with --lr")
     lr = lookup(table, model=row_model, dataset=table_dataset, gradient_approach=method, k=k)
@@ -66,3 +101,8 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
     if table_dataset != dataset:
         note += f" (the paper has no {dataset} row: using its MNIST row)"
     return lr, note
+
+
+def model_row_name(model: str, width: int) -> str:
+    """The ``model`` column of the network tables: ``fc_w=<width>`` for fc, else the model's name."""
+    return f"fc_w={width}" if model == "fc" else model

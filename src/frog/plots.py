@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +61,8 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
             if row["function"] == function:
                 k = f" k={row['k']}" if row["k"] not in (None, "") else ""
                 angle = f" {row['angle']} deg" if row.get("angle") not in (None, "") else ""
-                lines[f"{row['method']}{k}{angle}"].append(row)
+                optimizer = f" {row['optimizer']}" if row.get("optimizer", "sgd") != "sgd" else ""
+                lines[f"{row['method']}{k}{angle}{optimizer}"].append(row)
         for label, points in sorted(lines.items()):
             points.sort(key=lambda r: int(r["n"]))
             dims = [int(r["n"]) for r in points]
@@ -79,5 +81,45 @@ def plot_optimization(summary: Sequence[Row], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tune(studies: dict[str, Sequence[Row]], path: Path) -> Path:
+    """Objective against lr (log scale) for each study of a tune, one panel each: complete trials as
+    dots (the best as a star), pruned ones as crosses at their last reported value, diverged ones
+    as triangles on the top edge."""
+    names = list(studies)
+    cols = min(3, len(names))
+    rows_ = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for name, ax in zip(names, axes.flat, strict=False):
+        trials = studies[name]
+        complete = [(float(t["lr"]), float(t["value"])) for t in trials if t["state"] == "complete"]
+        pruned = [(float(t["lr"]), float(t["last_value"])) for t in trials
+                  if t["state"] == "pruned" and t["last_value"] is not None]
+        diverged = [float(t["lr"]) for t in trials if t["state"] == "diverged"]
+        if complete:
+            ax.scatter(*zip(*complete, strict=True), s=14, label="complete")
+            ax.scatter(*min(complete, key=lambda p: p[1]), marker="*", s=140, color="C3", label="best", zorder=3)
+        if pruned:
+            ax.scatter(*zip(*pruned, strict=True), marker="x", s=18, color="C1", label="pruned")
+        values = [v for _, v in complete + pruned]
+        positive = [v for v in values if v > 0]
+        if values and min(values) >= 0 and positive and max(values) > 100 * min(positive):
+            ax.set_yscale("symlog", linthresh=min(positive))  # log scale that also shows exact zeros
+            ax.set_ylim(bottom=0)
+        if diverged:
+            top = max(values) if values else 1.0
+            ax.scatter(diverged, [top] * len(diverged), marker="^", s=18, color="C7", label="diverged")
+        ax.set_xscale("log")
+        ax.set(title=textwrap.fill(name.split(" ", 1)[-1].replace("gradient_approach=", ""), 50), xlabel="lr",
+               ylabel="objective")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

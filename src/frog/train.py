@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ from .distributed import Communicator
 from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from .errors import NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
-from .lrs import network_lr
+from .lrs import model_row_name, network_lr, table_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
+from .strategies import DEFAULT_LR, check_strategy, extra_forward_passes, make_optimizer, module_loss_at, take_step
 from .tangents import STRUCTURED, check_rank, derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-           "seconds", "lr", "steps", "diverged", "comm_bytes_per_step"]
+           "seconds", "lr", "steps", "diverged", "comm_bytes_per_step", "extra_forward_passes_per_step"]
 
 
 RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
@@ -59,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB
+    optimizer: str = "sgd"
+    lr_table: str | None = None
 
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it."""
@@ -84,6 +88,9 @@ class TrainConfig:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
+        check_strategy(self.optimizer)
+        if self.lr is not None and self.lr_table is not None:
+            raise ValueError("give --lr or --lr-table, not both")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"the learning rate must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -91,11 +98,19 @@ class TrainConfig:
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
-    """The config with lr and batch size filled in from the paper's protocol, and a note on where from."""
+    """The config with lr and batch size filled in, and a note on where the lr came from: given,
+    ``lr_table``, the paper's table (sgd) or the strategy's default."""
     note = "learning rate given"
     lr = config.lr
-    if lr is None:
+    if lr is None and config.lr_table is not None:
+        k = None if config.gradient == "bp" else config.tangents
+        lr = table_lr(config.lr_table, config.optimizer, model=model_row_name(config.model, config.width),
+                      dataset=config.dataset, gradient_approach=config.gradient, k=k)
+        note = f"table {config.lr_table}"
+    elif lr is None and config.optimizer == "sgd":
         lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
+    elif lr is None:
+        lr, note = DEFAULT_LR[config.optimizer], f"default of --optimizer {config.optimizer}"
     batch_size = config.batch_size or (128 if config.dataset == "cifar10" else 64)
     return TrainConfig(**{**asdict(config), "lr": lr, "batch_size": batch_size}), note
 
@@ -114,7 +129,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.devi
 
 
 def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y, comm: Communicator | None = None):
-    """One SGD step; returns the batch's summed loss and number of correct predictions.
+    """One optimizer step; returns the batch's summed loss and number of correct predictions.
 
     In distributed data mode (x, y) is this rank's shard; backprop then all-reduces its gradients."""
     if estimator is None:
@@ -141,7 +156,7 @@ def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y, comm:
 
         loss = estimator.fill_grad(model, losses)
         logits = captured[0] if captured else model(x).detach()
-    optimizer.step()
+    take_step(optimizer, module_loss_at(model, (x,), lambda out: nn.functional.cross_entropy(out, y)))
     return loss.item() * len(y), int((logits.argmax(1) == y).sum())
 
 
@@ -154,9 +169,11 @@ def train(
     log=print,
     data: Dataset | None = None,
     communicator: Communicator | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, str]]:
     """Train as configured, writing ``config.json``, ``metrics.csv`` and ``checkpoint.pt`` into
     ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset.
+    ``on_epoch(row)`` is called after each epoch's row and checkpoint are written (it may raise to stop).
 
     With a ``communicator`` (:mod:`frog.distributed`) every rank runs this function; the batch size
     stays the global batch, so the numbers do not depend on the number of ranks, and only rank 0
@@ -168,6 +185,9 @@ def train(
     config.check()
     if comm is not None and comm.mode == "tangent" and config.gradient == "bp":
         raise ValueError("--distributed tangent splits the tangents: use a forward-gradient method, or --distributed data")
+    if comm is not None and config.optimizer == "line-search":
+        raise ValueError("--optimizer line-search runs on one process (its trial passes are not shared); "
+                         "drop --distributed or use another --optimizer")
     data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
     config, lr_note = resolve(config)
     log(f"learning rate {config.lr:g} ({lr_note}), batch size {config.batch_size}")
@@ -178,7 +198,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
                               tangents=config.sampler, rank=config.rank,
@@ -230,7 +250,7 @@ def train(
         total_loss, correct, seen, diverged = 0.0, 0, 0, False
         model.train()
         steps = batches(data.train, config.batch_size, shuffle=True, generator=generator, device=device)
-        sent_before, step_count = (comm.bytes_sent if comm else 0), 0
+        sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
         for x, y in tqdm(steps, total=math.ceil(len(data.train) / config.batch_size), desc=f"epoch {epoch}",
                          disable=not (progress and main_rank), leave=False):
             if comm is not None and comm.mode == "data":
@@ -264,12 +284,15 @@ def train(
             "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
             "steps": estimator.step if estimator is not None else "", "diverged": diverged,
             "comm_bytes_per_step": bytes_per_step,
+            "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
         }
         if main_rank:
             metrics.append(row)
             _save(checkpoint_path, model, optimizer, estimator, state)
         log(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_accuracy:.4f} | test acc {test_accuracy:.4f} | {row['seconds']:.1f} s")
+        if on_epoch is not None:
+            on_epoch(row)
     if state["done"] and not diverged and state["bad_epochs"] >= config.patience:
         log(f"early stop: no validation improvement for {config.patience} epochs")
     if comm is not None:
