@@ -24,15 +24,23 @@ def prepare_out_dir(path: str | Path) -> Path:
 class CsvLog:
     """Append-only CSV with a fixed header; rows already in the file are kept (a rerun resumes).
 
+    A file whose header is the start of ``columns`` (written before columns were added) gets the
+    new columns, filled in its old rows from ``defaults`` (what the older frog did), else empty.
+
     ``done(key_columns)`` lists the key tuples already written, so a caller can skip them.
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+    def __init__(self, path: str | Path, columns: Sequence[str], defaults: dict[str, object] | None = None) -> None:
         self.path = Path(path)
         self.columns = list(columns)
         self.rows: list[dict[str, str]] = []
         if self.path.exists() and self.path.stat().st_size > 0:
             header, self.rows = read_csv(self.path)
+            if header != self.columns and self.columns[: len(header)] == header:  # written by an older frog
+                filled = {c: text((defaults or {}).get(c)) for c in self.columns[len(header):]}
+                self.rows = [{**filled, **row} for row in self.rows]
+                write_csv(self.path, self.columns, self.rows)
+                header = self.columns
             if header != self.columns:
                 raise ValueError(
                     f"{self.path} has columns {header}, expected {self.columns}; "

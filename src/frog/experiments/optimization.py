@@ -118,7 +118,9 @@ def run_all(
 
     Runs already in the CSV are skipped (a rerun resumes).
     """
-    log = CsvLog(out_dir / "optimization.csv", COLUMNS) if out_dir is not None else None
+    # files from before the step-size strategies: plain SGD, no extra forward passes
+    older = {"optimizer": "sgd", "extra_forward_passes_per_step": 0.0}
+    log = CsvLog(out_dir / "optimization.csv", COLUMNS, older) if out_dir is not None else None
     done = log.done(KEY) if log is not None else set()
     for run in tqdm(runs, desc="optimize", disable=not progress, unit="run"):
         if run.key() in done:
