@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch.func import jvp, vmap
 
+from .attention import forward_mode_attention
 from .errors import ForwardModeError
 from .tangents import TangentPlan
 
@@ -130,7 +131,8 @@ class JvpEngine(Engine):
         parts = []
         for chunk in chunks:
             tangents = [shaped_like(plan.block(b, chunk), primals[name]) for b, name in enumerate(names)]
-            values, jvps = vmap(one_tangent, randomness="same")(*tangents)
+            with forward_mode_attention():  # attention with a jvp rule (F.scaled_dot_product_attention has none)
+                values, jvps = vmap(one_tangent, randomness="same")(*tangents)
             del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
             parts.append(jvps)
         return values[0], parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -147,7 +149,8 @@ class LoopEngine(Engine):
         jvps = []
         for i in range(plan.num_tangents) if rows is None else rows:
             replay.reset()
-            value, derivative = jvp(fn, (primals,), (_rows(plan, names, i, primals),))
+            with forward_mode_attention():
+                value, derivative = jvp(fn, (primals,), (_rows(plan, names, i, primals),))
             jvps.append(derivative)
         return value, torch.stack(jvps)
 

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .activity import blocks_of, local_graphs, perturbed
+from .activity import blocks_of, local_graphs, module_names, perturbed, shared_by_batch
 from .aggregation import check_method, coefficients, combine, scale_correction
 from .distributed import Communicator
 from .engines import (
     DEFAULT_TANGENT_BUDGET_MB,
     Function,
+    RngReplay,
     budget_bytes,
     check_scalar,
     explained_forward_mode_errors,
@@ -298,14 +299,20 @@ class ForwardGradient:
     def _activity_estimates(self, model, loss_fn, params):
         """Activity perturbation: per-sample jvps (k, B) of the losses along one tangent per block
         output (shared by the batch), per-sample coefficients, then each block's weight gradient by
-        a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]."""
+        a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
+        (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
+        names = module_names(model)
         # sim on a plain chain of blocks: the true activity gradients come from the same pass, by
         # chaining the block-local backward products from the loss to the first block (backprop)
-        chained_sim = self.engine.single_pass and self.blocks is None
-        with local_graphs(blocks, inputs_require_grad=chained_sim) as (inputs, outputs):
+        chained_sim = self.engine.single_pass and self.blocks is None and isinstance(model, nn.Sequential)
+        replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
+        with local_graphs(blocks, chained_sim, [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
-        plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
+        batch = losses.shape[0]
+        shared = [shared_by_batch(h, batch) for h in outputs]
+        features = [h.shape if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
+        plan = self.plan(features, outputs[0])
         comm = self.communicator
         if chained_sim:
             activity_grads = _chained_gradients(losses, inputs, outputs)
@@ -320,12 +327,17 @@ class ForwardGradient:
             # batch, so no k x B copies of the tangents); sim needs per-sample positions, (B, features),
             # to return per-sample gradients
             per_sample = self.engine.single_pass
-            zeros = {f"block{b}": h.new_zeros(h.shape if per_sample else h.shape[1:]) for b, h in enumerate(outputs)}
+            zeros = {f"block{b}": h.new_zeros((batch, *f) if per_sample else f) for b, (h, f) in
+                     enumerate(zip(outputs, features, strict=True))}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
+            replay.reset()
             with _frozen_running_stats(model, freeze=True), torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
-        scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
-        output_grads = [combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
+        scale = 1.0 / batch  # the loss is the mean of the per-sample losses
+        output_grads = []
+        for b, h in enumerate(outputs):
+            grad = combine(plan.block(b), coeffs * scale).movedim(-1, 0).to(h.dtype)  # (B, *features)
+            output_grads.append(grad.sum(0) if shared[b] else grad)
         names = list(params)
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
@@ -345,9 +357,11 @@ def _chained_gradients(losses: torch.Tensor, inputs: list[torch.Tensor], outputs
 
 
 def _per_sample(losses: torch.Tensor) -> torch.Tensor:
-    """Check that a loss function for activity perturbation returned per-sample losses (B,)."""
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+    """Per-sample losses (B,) from a loss function for activity perturbation: its (B,) output, or
+    the mean over the trailing dimensions of (B, ...) (e.g. the token losses (B, T) of a sequence)."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise ValueError("with perturbation='activity' the loss function must return per-sample losses of "
-                         f"shape (B,), e.g. cross_entropy(..., reduction='none'); got {shape}")
-    return losses
+                         "shape (B,) or (B, ...), e.g. cross_entropy(..., reduction='none'), not the batch's mean; "
+                         f"got {shape}")
+    return losses if losses.dim() == 1 else losses.flatten(1).mean(1)
