@@ -13,7 +13,8 @@ broadcasts over the batch). Two hook contexts:
 Which modules are blocks (:func:`blocks_of`, shown by :func:`describe_blocks`):
 
 - ``blocks=[...]`` when given;
-- the children of an ``nn.Sequential`` (the paper's networks, :mod:`frog.models`);
+- the children of an ``nn.Sequential`` that own trainable parameters (the paper's networks,
+  :mod:`frog.models`);
 - otherwise found automatically: the model's children that own trainable parameters, in order,
   with containers opened: an ``nn.ModuleList`` / ``nn.ModuleDict`` always (they are never called
   themselves), an ``nn.Sequential`` when it is a list of at least two modules of one class (a stack
@@ -38,14 +39,15 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
 def blocks_of(model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> list[nn.Module]:
-    """The blocks of ``model``: ``blocks`` if given, else the children of an nn.Sequential, else the
-    blocks found automatically (module docstring).
+    """The blocks of ``model``: ``blocks`` if given, else the children of an nn.Sequential that own
+    trainable parameters, else the blocks found automatically (module docstring).
 
     Raises ValueError, naming the module or parameter, when no blocks can be found, when a trainable
     parameter lies outside every block (it would get no gradient) or when one block contains another.
     """
     if blocks is None:
-        blocks = list(model.children()) if isinstance(model, nn.Sequential) else _find_blocks(model)
+        blocks = [c for c in model.children() if _trainable(c)] if isinstance(model, nn.Sequential) \
+            else _find_blocks(model)
     blocks = list(blocks)
     if not blocks:
         raise ValueError("activity perturbation needs at least one block")

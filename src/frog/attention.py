@@ -88,7 +88,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, _d_probs, _d_dropped):
-        query, key, value, out, probs, dropped = ctx.saved_tensors[:6]
+        query, key, value, _, probs, dropped = ctx.saved_tensors[:6]
         scale_q, scale_k = ctx.scales
         d_value = (dropped.transpose(-2, -1) @ d_out).sum_to_size(value.shape)
         d_probs = d_out @ value.transpose(-2, -1)

@@ -85,7 +85,13 @@ class ForwardGradient:
         seed: tangents of call t depend only on (seed, t, tangent, block).
         normalize: divide each tangent by its norm.
         angle: degrees in (0, 90], for ``tangents="angle"``.
-        scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
+        scale_correction: multiply by the authors' length correction (SPEC 1, "Length"), so that the
+            estimate has the gradient's expected length instead of about sqrt(k/n) of it (frog:
+            E[chi_n] / E[chi_k]). On by default: optimizers are tuned for gradient-sized numbers
+            (epsilons of Adadelta, Adagrad, RMSprop and Adam; SGD's step size and weight decay;
+            gradient clipping), and with the plain projection they take steps about sqrt(k/n) times
+            too short or none at all. ``False`` gives the paper's plain estimators, as its experiments
+            (``frog train``, ``frog optimize``, ``frog reproduce``) use them.
         fd_step: step length h of the ``fd`` engine.
         tangent_budget_mb: memory the tangents may take. When all k x n fit, they are generated once
             per step and kept; otherwise they are generated block by block where they are needed
@@ -108,7 +114,7 @@ class ForwardGradient:
         *,
         normalize: bool = False,
         angle: float | None = None,
-        scale_correction: bool = False,
+        scale_correction: bool = True,
         fd_step: float = 1e-3,
         tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB,
         rtol: float | None = None,
@@ -303,9 +309,9 @@ class ForwardGradient:
         (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
         names = module_names(model)
-        # sim on a plain chain of blocks: the true activity gradients come from the same pass, by
-        # chaining the block-local backward products from the loss to the first block (backprop)
-        chained_sim = self.engine.single_pass and self.blocks is None and isinstance(model, nn.Sequential)
+        # sim on a plain chain of blocks (an nn.Sequential of blocks only): the true activity gradients come
+        # from the same pass, by chaining the block-local backward products from the loss to the first block
+        chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
         replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
         with local_graphs(blocks, chained_sim, [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here

@@ -173,7 +173,8 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
-                              tangent_budget_mb=config.tangent_budget_mb)
+                              tangent_budget_mb=config.tangent_budget_mb,
+                              scale_correction=False)  # the paper's plain estimators
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
     if comm is not None:
         comm.check_same(**asdict(config), resume=resume, world=comm.world)
