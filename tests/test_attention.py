@@ -152,11 +152,10 @@ def test_bad_arguments_say_what_to_change():
 
 def test_context_routes_and_restores():
     original, fastpath = F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()
-    with pytest.raises(RuntimeError, match="inside"):
-        with forward_mode_attention():
-            assert F.scaled_dot_product_attention is scaled_dot_product_attention
-            assert not torch.backends.mha.get_fastpath_enabled()
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), forward_mode_attention():
+        assert F.scaled_dot_product_attention is scaled_dot_product_attention
+        assert not torch.backends.mha.get_fastpath_enabled()
+        raise RuntimeError("inside")
     assert F.scaled_dot_product_attention is original
     assert torch.backends.mha.get_fastpath_enabled() == fastpath
 
