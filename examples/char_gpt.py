@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -97,8 +98,8 @@ def batch(data: torch.Tensor, size: int, context: int, generator: torch.Generato
     return windows[:, :-1], windows[:, 1:]
 
 
-def main(argv: list[str] | None = None) -> list[float]:
-    parser = argparse.ArgumentParser(description="char-level GPT, backprop or frog")
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="char-level GPT with AdamW, backprop or frog")
     parser.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     parser.add_argument("--gradient", choices=["bp", "frog"], default="frog")
     parser.add_argument("--perturbation", choices=["weight", "activity"], default="activity")
@@ -106,34 +107,63 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("-k", "--tangents", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def training(args: argparse.Namespace) -> Iterator[dict]:
+    """Train as ``args`` say; yields {"test_loss"} (held-out text) before and after training and
+    {"step", "loss", "seconds"} after every step."""
     torch.manual_seed(args.seed)
     data, vocab = load_text(args.text)
-    model = GPT(vocab)
+    held_out = len(data) * 9 // 10  # the last tenth of the text measures the loss
+    model = GPT(vocab, context=args.context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     fg = frog.ForwardGradient(args.tangents, engine=args.engine, perturbation=args.perturbation, seed=args.seed)
     if args.gradient == "frog" and args.perturbation == "activity":
         print(frog.describe_blocks(model))
-    generator = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for step in range(args.steps):
-        x, y = batch(data, args.batch_size, 64, generator)
-        start = time.perf_counter()
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad()
         if args.gradient == "bp":
             _, loss = model(x, y)
             loss.backward()
         elif args.perturbation == "weight":
             loss = fg.fill_grad(model, lambda m: m(x, y)[1])  # instead of loss.backward()
-        else:  # activity perturbation wants per-sample losses: (B, T) token losses, averaged per sequence
+        else:  # activity perturbation wants per-sample losses: token losses (B, T), frog averages each row
             loss = fg.fill_grad(model, lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none"))
         optimizer.step()
-        losses.append(loss.item())
-        print(f"step {step + 1}: loss {losses[-1]:.4f}  {1e3 * (time.perf_counter() - start):.0f} ms", flush=True)
-    return losses
+        return loss
+
+    def evaluate() -> dict:
+        x, y = batch(data[held_out:], 64, args.context, torch.Generator().manual_seed(0))
+        model.eval()
+        with torch.no_grad():
+            loss = model(x, y)[1].item()
+        model.train()
+        return {"test_loss": loss}
+
+    yield evaluate()
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(1, args.steps + 1):
+        x, y = batch(data[:held_out], args.batch_size, args.context, generator)
+        start = time.perf_counter()
+        loss = train_step(x, y).item()
+        yield {"step": step, "loss": loss, "seconds": time.perf_counter() - start}
+    yield evaluate()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    records = []
+    for record in training(parse(argv)):
+        if "step" in record:
+            print(f"step {record['step']}: loss {record['loss']:.4f}  {1e3 * record['seconds']:.0f} ms", flush=True)
+        else:
+            print(f"held-out loss {record['test_loss']:.4f}", flush=True)
+        records.append(record)
+    return records
 
 
 if __name__ == "__main__":
