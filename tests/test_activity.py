@@ -235,3 +235,36 @@ def test_scalar_loss_is_refused_with_the_fix():
     idx, targets = data()
     with pytest.raises(ValueError, match=r"per-sample losses .* not the batch's mean"):
         frog.ForwardGradient(2, perturbation="activity").fill_grad(model, lambda m: m(idx, targets)[1])
+
+
+class FunctionalTying(nn.Module):
+    """The output layer uses the embedding's weight directly, not through a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Embedding(VOCAB, DIM)
+        self.mix = nn.Linear(DIM, DIM)
+
+    def forward(self, idx):
+        return self.mix(self.token(idx)) @ self.token.weight.T
+
+
+class GlueParameter(nn.Module):
+    """A block's weight also scales the next block's input, outside both blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.second(self.first(x) * self.first.bias)
+
+
+@pytest.mark.parametrize("model,message", [
+    (FunctionalTying(), r"parameter 'token.weight' is used outside its block \(after the last block\)"),
+    (GlueParameter(), r"parameter 'first.bias' is used outside its block \(in the input of block 'second'\)"),
+])
+def test_parameters_used_outside_their_blocks_are_refused(model, message):
+    idx = data()[0] if isinstance(model, FunctionalTying) else torch.randn(3, 3)
+    with pytest.raises(ValueError, match=message):
+        frog.ForwardGradient(2, perturbation="activity").fill_grad(model, lambda m: m(idx).square().flatten(1).sum(1))

@@ -23,7 +23,9 @@ Which modules are blocks (:func:`blocks_of`, shown by :func:`describe_blocks`):
 A block may take any positional and keyword arguments (masks, position ids) and may return a tuple
 (the tangent goes on its first tensor); it must run exactly once per forward pass. Parameters tied
 between blocks (an output layer sharing the token embedding's weight) get the sum of both blocks'
-contributions.
+contributions. An output counts as per sample when its leading size is the batch size B, else as
+shared by the batch (:func:`shared_by_batch`): a shared output whose leading size happens to equal
+B (a position embedding (T, C) with T = B) is taken for a per-sample one, so keep B != T there.
 """
 
 from __future__ import annotations
@@ -157,19 +159,46 @@ def _rebuilt(sequence: tuple | list, items: list) -> tuple | list:
     return type(sequence)(*items) if hasattr(sequence, "_fields") else type(sequence)(items)
 
 
+def check_local(tensors: Sequence[torch.Tensor], stops: Sequence[torch.Tensor], parameters: dict[int, str],
+                where: str) -> None:
+    """ValueError naming the parameter when the autograd graph of ``tensors`` reaches a trainable
+    parameter other than through the block outputs ``stops``: that use of it (e.g. a weight used
+    outside its module, ``x @ emb.weight.T``) would get no gradient from the block-local products."""
+    seen = {id(t.grad_fn) for t in stops if t.grad_fn is not None}
+    todo = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that takes gradients
+        if variable is not None and id(variable) in parameters:
+            raise ValueError(f"parameter {parameters[id(variable)]!r} is used outside its block ({where}); "
+                             "activity perturbation computes each block's gradient from its output only: "
+                             "use it through a module that is a block (blocks=[...]) or use perturbation='weight'")
+        todo.extend(next_node for next_node, _ in node.next_functions)
+
+
 @contextmanager
 def local_graphs(
-    blocks: Sequence[nn.Module], inputs_require_grad: bool = False, names: Sequence[str] | None = None
+    blocks: Sequence[nn.Module],
+    inputs_require_grad: bool = False,
+    names: Sequence[str] | None = None,
+    parameters: dict[int, str] | None = None,
 ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Record each block's first tensor input and its output h_b (:func:`first_tensor`), with a
     graph that stops at the block's inputs (all of them are detached); with ``inputs_require_grad``
-    the first input is a leaf that takes gradients. ``names`` name the blocks in errors."""
+    the first input is a leaf that takes gradients. ``names`` name the blocks in errors; with
+    ``parameters`` (id -> name) every block's inputs are checked by :func:`check_local`."""
     names = list(names) if names is not None else [f"block {b} ({type(m).__name__})" for b, m in enumerate(blocks)]
+    index_of = {id(block): b for b, block in enumerate(blocks)}
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
     runs = [0] * len(blocks)
 
     def detach_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if parameters:
+            check_local(_tensors((args, kwargs)), outputs, parameters, f"in the input of {names[index_of[id(module)]]}")
         first: list[torch.Tensor] = []
         args, kwargs = _detached(args, first, inputs_require_grad), _detached(kwargs, first, inputs_require_grad)
         inputs.append(first[0] if first else torch.empty(0))
@@ -196,6 +225,17 @@ def local_graphs(
     if missing:
         raise ValueError(f"{', '.join(missing)} did not run in the forward pass; every block must run exactly once "
                          "per forward pass: pass blocks=[...] without it")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``value`` (tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
 
 
 @contextmanager

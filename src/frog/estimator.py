@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .activity import blocks_of, local_graphs, module_names, perturbed, shared_by_batch
+from .activity import blocks_of, check_local, local_graphs, module_names, perturbed, shared_by_batch
 from .aggregation import check_method, coefficients, combine, scale_correction
 from .distributed import Communicator
 from .engines import (
@@ -313,8 +313,11 @@ class ForwardGradient:
         # from the same pass, by chaining the block-local backward products from the loss to the first block
         chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
         replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
-        with local_graphs(blocks, chained_sim, [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]) as (inputs, outputs):
+        block_names = [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]
+        parameter_names = {id(p): n for n, p in params.items()}
+        with local_graphs(blocks, chained_sim, block_names, parameter_names) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
+        check_local([losses], outputs, parameter_names, "after the last block")
         batch = losses.shape[0]
         shared = [shared_by_batch(h, batch) for h in outputs]
         features = [h.shape if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
