@@ -26,22 +26,25 @@ def losses(records: list[dict]) -> tuple[float, float, list[float]]:
     return held_out[0], held_out[-1], [r["loss"] for r in records if "step" in r]
 
 
-@pytest.mark.skipif(not Path(DEFAULT_DIRS["fashion-mnist"]).is_dir(), reason="needs Fashion-MNIST")
-@pytest.mark.parametrize("perturbation", ["weight", "activity"])
-def test_fashion_cnn(perturbation):
-    records = example("fashion_cnn").main(["--steps", "6", "--batch-size", "32", "--train-size", "640",
-                                           "--perturbation", perturbation])
-    before, after, steps = losses(records)
-    assert len(steps) == 6 and after < before - 0.01
+HAVE_FASHION = Path(DEFAULT_DIRS["fashion-mnist"]).is_dir()
+TRAINING = {  # example, arguments (a few small steps), what it needs
+    "cnn-weight-jvp": ("fashion_cnn", ["--steps", "6", "--batch-size", "32", "--train-size", "640"], HAVE_FASHION),
+    "cnn-activity-sim": ("fashion_cnn", ["--steps", "20", "--train-size", "1280", "--perturbation", "activity",
+                                         "--engine", "sim"], HAVE_FASHION),
+    "gpt-weight-jvp": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32", "--perturbation",
+                                    "weight"], GPL.is_file()),
+    "gpt-activity-jvp": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32"], GPL.is_file()),
+}
 
 
-@pytest.mark.skipif(not GPL.is_file(), reason="needs /usr/share/common-licenses/GPL-3 (Debian base-files)")
-@pytest.mark.parametrize("perturbation", ["weight", "activity"])
-def test_char_gpt(perturbation):
-    records = example("char_gpt").main(["--steps", "6", "--batch-size", "8", "--context", "32",
-                                        "--perturbation", perturbation])
+@pytest.mark.parametrize("case", list(TRAINING))
+def test_training_example_learns(case):
+    name, argv, available = TRAINING[case]
+    if not available:
+        pytest.skip("needs Fashion-MNIST (dataset-fashion-mnist) or /usr/share/common-licenses/GPL-3")
+    records = example(name).main(argv)
     before, after, steps = losses(records)
-    assert len(steps) == 6 and after < before - 0.01
+    assert len(steps) == int(argv[1]) and after < before - 0.01
 
 
 def test_minimize():
