@@ -9,7 +9,7 @@ example gives when run alone. Prints the loss averaged over windows of steps, th
 and its ratio to backprop, the held-out loss before and after, writes every step to
 ``--out``/examples.csv, and ends with a line of JSON.
 
-    python benchmarks/examples.py [--examples cnn gpt] [--steps 200] [--window 20] [--out runs/examples]
+    python benchmarks/examples.py [--examples cnn gpt] [--steps 200] [--window 20] [--out runs/examples] [--threads N]
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--out", default="runs/examples")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arguments = {  # the CNN: 100 steps an epoch, so StepLR takes a step halfway through 200 steps

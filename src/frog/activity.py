@@ -109,6 +109,12 @@ def module_names(model: nn.Module) -> dict[int, str]:
     return {id(module): name for name, module in model.named_modules()}
 
 
+def block_labels(model: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
+    """How errors name the blocks: "block 'layers.0'" (qualified names inside ``model``)."""
+    names = module_names(model)
+    return [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]
+
+
 def describe_blocks(model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> str:
     """A table of the blocks activity perturbation uses for ``model`` (same rules as ForwardGradient):
     index, qualified name, class, number of trainable parameters, and parameters shared with

@@ -65,11 +65,14 @@ class _Attention(torch.autograd.Function):
         query, key, value, out, probs, dropped = ctx.saved_tensors[:6]
         scale_q, scale_k = ctx.scales
         d_scores = None
-        if d_query is not None:
+        if d_query is not None and d_key is not None:  # one matmul: [dq f_q, q f_q] [k f, dk f]^T
+            left = torch.cat([d_query, query.expand_as(d_query)], -1) * scale_q
+            right = torch.cat([key.expand_as(d_key), d_key], -1) * scale_k
+            d_scores = left @ right.transpose(-2, -1)
+        elif d_query is not None:
             d_scores = (d_query * scale_q) @ (key.transpose(-2, -1) * scale_k)
-        if d_key is not None:
-            term = (query * scale_q) @ (d_key.transpose(-2, -1) * scale_k)
-            d_scores = term if d_scores is None else d_scores + term
+        elif d_key is not None:
+            d_scores = (query * scale_q) @ (d_key.transpose(-2, -1) * scale_k)
         if d_bias is not None:
             d_scores = d_bias if d_scores is None else d_scores + d_bias
         d_out = None
@@ -77,7 +80,7 @@ class _Attention(torch.autograd.Function):
             weighted = probs * d_scores  # P * dS
             row = weighted.sum(-1, keepdim=True)  # r = rowsum(P * dS)
             if ctx.has_noise:
-                weighted = dropped * d_scores
+                weighted = dropped * d_scores  # P_d * dS
             d_out = weighted @ value - row * out
         if d_value is not None:
             term = dropped @ d_value

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .activity import blocks_of, check_local, local_graphs, module_names, perturbed, shared_by_batch
+from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch
 from .aggregation import check_method, coefficients, combine, scale_correction
 from .distributed import Communicator
 from .engines import (
@@ -308,14 +308,12 @@ class ForwardGradient:
         a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
         (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
-        names = module_names(model)
         # sim on a plain chain of blocks (an nn.Sequential of blocks only): the true activity gradients come
         # from the same pass, by chaining the block-local backward products from the loss to the first block
         chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
         replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
-        block_names = [f"block {names.get(id(b), type(b).__name__)!r}" for b in blocks]
         parameter_names = {id(p): n for n, p in params.items()}
-        with local_graphs(blocks, chained_sim, block_names, parameter_names) as (inputs, outputs):
+        with local_graphs(blocks, chained_sim, block_labels(model, blocks), parameter_names) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
         check_local([losses], outputs, parameter_names, "after the last block")
         batch = losses.shape[0]
