@@ -162,6 +162,34 @@ def test_stacks_in_sequential_children_are_opened():
     assert frog.activity.blocks_of(net) == [net.stem, net.stack[0], net.stack[1], net.head]
 
 
+def test_transformer_encoder_layers_are_blocks():
+    """nn.TransformerEncoder holds its layers in a ModuleList: each layer is a block, and the
+    estimate with k = n basis tangents is the exact gradient."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 4)
+            layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.encoder(self.embed(x)).mean(1))
+
+    torch.manual_seed(3)
+    model = Encoder().double()
+    assert frog.activity.blocks_of(model) == [model.embed, *model.encoder.layers, model.out]
+    x, y = torch.randn(3, 5, 3, dtype=F64), torch.tensor([0, 1, 1])
+    estimate = copy.deepcopy(model)
+    n = 3 * 5 * 4 + 2
+    frog.ForwardGradient(n, tangents="basis", perturbation="activity").fill_grad(
+        estimate, lambda m: F.cross_entropy(m(x), y, reduction="none"))
+    exact = exact_gradients(model, lambda m: F.cross_entropy(m(x), y))
+    for got, want in zip((p.grad for p in estimate.parameters()), exact, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 class Twice(nn.Module):
     def __init__(self):
         super().__init__()

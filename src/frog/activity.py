@@ -18,7 +18,9 @@ Which modules are blocks (:func:`blocks_of`, shown by :func:`describe_blocks`):
 - otherwise found automatically: the model's children that own trainable parameters, in order,
   with containers opened: an ``nn.ModuleList`` / ``nn.ModuleDict`` always (they are never called
   themselves), an ``nn.Sequential`` when it is a list of at least two modules of one class (a stack
-  of transformer or residual blocks). Parameter-free children (dropout, activations) are glue.
+  of transformer or residual blocks), and a module without parameters of its own that has such a
+  container among its children (``nn.TransformerEncoder``, a GPT body holding its block list).
+  Parameter-free children (dropout, activations) are glue.
 
 A block may take any positional and keyword arguments (masks, position ids) and may return a tuple
 (the tangent goes on its first tensor); it must run exactly once per forward pass. Parameters tied
@@ -77,8 +79,16 @@ def _is_stack(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and len(module) >= 2 and len(kinds) == 1
 
 
+def _holds_blocks(module: nn.Module) -> bool:
+    """A wrapper of a list of blocks: no parameters of its own and a container or stack among its
+    children (nn.TransformerEncoder and its ``layers``, a GPT body and its ``h``)."""
+    return not any(True for _ in module.parameters(recurse=False)) and \
+        any(isinstance(child, _CONTAINERS) or _is_stack(child) for child in module.children())
+
+
 def _find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The children of ``model`` that own trainable parameters, with containers and stacks opened."""
+    """The children of ``model`` that own trainable parameters, with containers, stacks and wrappers
+    of them opened."""
     own = [name for name, p in model.named_parameters(recurse=False) if p.requires_grad]
     if own:
         raise ValueError(
@@ -92,7 +102,7 @@ def _find_blocks(model: nn.Module) -> list[nn.Module]:
         for child in module.children():
             if not _trainable(child):
                 continue
-            if isinstance(child, _CONTAINERS) or _is_stack(child):
+            if isinstance(child, _CONTAINERS) or _is_stack(child) or _holds_blocks(child):
                 visit(child)
             else:
                 found.append(child)
