@@ -100,7 +100,8 @@ class ForwardGradient:
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
-        blocks: the blocks for activity perturbation (default: the children of an nn.Sequential).
+        blocks: the blocks for activity perturbation (default: found automatically, see
+            :func:`frog.activity.blocks_of`; :func:`frog.describe_blocks` shows them).
         communicator: a :class:`frog.distributed.Communicator` to share the work between ranks.
     """
 
