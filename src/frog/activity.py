@@ -240,7 +240,8 @@ def local_graphs(
     missing = [names[i] for i, count in enumerate(runs) if count == 0]
     if missing:
         raise ValueError(f"{', '.join(missing)} did not run in the forward pass; every block must run exactly once "
-                         "per forward pass: pass blocks=[...] without it")
+                         "per forward pass: freeze the parameters of an unused module (requires_grad_(False)) or "
+                         "pass blocks=[...]")
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
