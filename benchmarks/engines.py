@@ -1,16 +1,21 @@
 """Time one training step (fill_grad + SGD step) per engine, side by side in one run.
 
-Model: MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; for each k and each
-perturbation (weight with the tangent samplers of --samplers: dense ``normal``, ``lowrank`` and
-``input-span`` of rank --rank; activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
+Model (--model): ``mlp``, MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; or
+``gpt``, the character-level GPT of examples/char_gpt.py (2 blocks, width 64, 4 heads, context 64,
+F.scaled_dot_product_attention, tied weights, dropout 0.1; a vocabulary of 96), batch 32, whose
+blocks for activity perturbation are found automatically. For each k and each perturbation (weight
+with the tangent samplers of --samplers: dense ``normal``, ``lowrank`` and ``input-span`` of rank
+--rank; activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
 plain matmul measured in the same run, the share of tangent generation + Gram in a jvp step
 (timed alone, as a step generates them), the matmul share of the rest of that step ("rest %mm":
 the jvp FLOPs over the step time minus generation + Gram), and a final JSON line.
 
-    python benchmarks/engines.py [--ks 1 4 16 64] [--perturbations weight activity]
+    python benchmarks/engines.py [--model mlp|gpt] [--ks 1 4 16 64] [--perturbations weight activity]
                                  [--samplers normal lowrank input-span] [--rank 1]
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
+
+For the GPT only times and ratios are printed (no FLOP model), engines jvp and sim by default.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +33,16 @@ from torch import nn
 import frog
 
 LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
+GPT_VOCAB = 96
+
+
+def make_gpt(device: str) -> nn.Module:
+    """The GPT of examples/char_gpt.py (one definition, imported from there)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from char_gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(GPT_VOCAB).to(device)
 
 
 def make_model(device: str) -> nn.Module:
@@ -77,13 +94,14 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--perturbations", nargs="+", default=["weight", "activity"])
     parser.add_argument("--samplers", nargs="+", default=["normal", "lowrank", "input-span"],
                         help="tangents of weight perturbation")
     parser.add_argument("--rank", type=int, default=1, help="rank of the lowrank and input-span tangents")
-    parser.add_argument("--engines", nargs="+", default=["jvp", "loop", "sim", "fd"])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--engines", nargs="+", default=None, help="default: jvp loop sim fd (mlp), jvp sim (gpt)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 64 (mlp), 32 (gpt)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -93,14 +111,27 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    model = make_model(device)
+    gpt = args.model == "gpt"
+    args.engines = args.engines or (["jvp", "sim"] if gpt else ["jvp", "loop", "sim", "fd"])
+    args.batch = args.batch or (32 if gpt else 64)
+    model = make_gpt(device) if gpt else make_model(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(args.batch, 784, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    if gpt:  # characters (B, 64) and their successors; per-token losses (B, 64) for activity perturbation
+        x = torch.randint(0, GPT_VOCAB, (args.batch, 64), device=device)
+        y = torch.randint(0, GPT_VOCAB, (args.batch, 64), device=device)
+
+        def losses(m: nn.Module, reduction: str) -> torch.Tensor:
+            return nn.functional.cross_entropy(m(x)[0].transpose(1, 2), y, reduction=reduction)
+    else:
+        x = torch.randn(args.batch, 784, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+
+        def losses(m: nn.Module, reduction: str) -> torch.Tensor:
+            return nn.functional.cross_entropy(m(x), y, reduction=reduction)
 
     def backprop_step() -> None:
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        losses(model, "mean").backward()
         optimizer.step()
 
     def engine_step(engine: str, k: int, perturbation: str, sampler: str):
@@ -110,7 +141,7 @@ def main() -> None:
         reduction = "none" if perturbation == "activity" else "mean"
 
         def step() -> None:
-            estimator.fill_grad(model, lambda m: nn.functional.cross_entropy(m(x), y, reduction=reduction))
+            estimator.fill_grad(model, lambda m: losses(m, reduction))
             optimizer.step()
 
         return step
@@ -119,6 +150,8 @@ def main() -> None:
         "weight": [p.shape for p in model.parameters()],
         "activity": [torch.Size((fan_out,)) for _, fan_out in LAYERS],
     }
+    model_name = f"GPT (examples/char_gpt.py), batch {args.batch} x 64 characters" if gpt else \
+        f"MLP 784-1024-1024-10, batch {args.batch}"
 
     def tangents_and_gram(k: int, perturbation: str, sampler: str):
         rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
@@ -133,11 +166,12 @@ def main() -> None:
     backprop = median_time(backprop_step, 5 * args.repeats, device)
     peak = matmul_gflops(device)
     results: dict[str, dict[str, float]] = {}
-    print(f"MLP 784-1024-1024-10, batch {args.batch}, device {device}, threads {torch.get_num_threads()}, "
+    print(f"{model_name}, device {device}, threads {torch.get_num_threads()}, "
           f"tangent budget {args.tangent_budget_mb:g} MB; "
           f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
-    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines)
-          + f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}")
+    extra = f"{'jvp/sim':>10}" if gpt else \
+        f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}"
+    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines) + extra)
     settings = [(p, s) for p in args.perturbations for s in (args.samplers if p == "weight" else ["normal"])]
     for perturbation, sampler in settings:
         label = perturbation if perturbation == "activity" else f"weight/{sampler}"
@@ -150,7 +184,10 @@ def main() -> None:
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
             line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
-            if "jvp" in times:
+            if gpt and "jvp" in times and "sim" in times:
+                row["jvp_over_sim"] = times["jvp"] / times["sim"]
+                line += f"{row['jvp_over_sim']:>10.2f}"
+            elif "jvp" in times and not gpt:
                 achieved = jvp_flops(args.batch, k, perturbation, sampler, args.rank) / times["jvp"] / 1e9
                 row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
                 loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
@@ -167,7 +204,7 @@ def main() -> None:
                 line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}{rest:>12}"
             print(line, flush=True)
             results[f"{label}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
-    print(json.dumps({"benchmark": "engines", "device": device, "tangent_budget_mb": args.tangent_budget_mb,
+    print(json.dumps({"benchmark": "engines", "model": args.model, "device": device, "tangent_budget_mb": args.tangent_budget_mb,
                       "rank": args.rank,
                       "backprop_ms": round(backprop * 1e3, 2),
                       "matmul_gflops": round(peak, 1), "results": results}))

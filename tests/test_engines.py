@@ -61,7 +61,9 @@ FUNCTIONS = {
 
 
 def estimator(kind, angle, aggregation, engine, k=4, seed=3, **kw):
-    return frog.ForwardGradient(num_tangents=k, aggregation=aggregation, tangents=kind, engine=engine, seed=seed, angle=angle, **kw)
+    """The plain estimator (no length correction): these tests check the aggregations' math."""
+    return frog.ForwardGradient(num_tangents=k, aggregation=aggregation, tangents=kind, engine=engine, seed=seed,
+                                angle=angle, **{"scale_correction": False, **kw})
 
 
 def linear_map(fg, x):
@@ -203,7 +205,8 @@ def flat_grads(model):
 
 def fill(model, engine, loss_fn, kind="normal", angle=None, aggregation="project", k=3, **kw):
     m = copy.deepcopy(model)
-    fg = frog.ForwardGradient(k, aggregation, kind, engine=engine, seed=5, angle=angle, **kw)
+    fg = frog.ForwardGradient(k, aggregation, kind, engine=engine, seed=5, angle=angle,
+                              **{"scale_correction": False, **kw})
     loss = fg.fill_grad(m, loss_fn)
     return m, loss
 

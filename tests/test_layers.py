@@ -79,7 +79,8 @@ def true_gradient(model, loss_fn):
 
 
 def estimate(model, loss_fn, **options):
-    fg = frog.ForwardGradient(**{"num_tangents": 6, "seed": 3, **options})
+    """The plain projection's estimate (no length correction), flat (n,)."""
+    fg = frog.ForwardGradient(**{"num_tangents": 6, "seed": 3, "scale_correction": False, **options})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fg.fill_grad(model, loss_fn)
@@ -176,6 +177,24 @@ def test_input_span_with_one_sample_gives_the_exact_gradient_of_a_linear_layer()
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "input-span"])
+def test_length_correction_gives_the_gradient_length_on_average(kind):
+    """The default estimate's length averages the gradient's: for input-span the correction uses
+    the dimension the tangents span (out x batch here, 32 x 4), not the weight's (32 x 256)."""
+    torch.manual_seed(0)
+    model = nn.Linear(256, 32, bias=False).double()
+    x = torch.randn(4, 256, generator=gen(5), dtype=F64)
+    target = torch.randn(4, 32, generator=gen(6), dtype=F64)
+    loss_fn = lambda m: (m(x) - target).pow(2).sum()
+    g = true_gradient(model, loss_fn)
+    fg = frog.ForwardGradient(8, tangents=kind, seed=0)
+    ratios = []
+    for _ in range(200):
+        fg.fill_grad(model, loss_fn)
+        ratios.append((model.weight.grad.norm() / g.norm()).item())
+    assert 0.8 < sum(ratios) / len(ratios) < 1.25
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "input-span"])
 def test_engines_never_form_dense_weight_tangents(monkeypatch, kind):
     model, loss_fn, _ = setup("cnn")
 
@@ -198,14 +217,14 @@ def test_lowrank_grad_of_a_matrix_and_state_dict_resume():
     a = torch.randn(5, 4, generator=gen(0), dtype=F64)
     fn = lambda x: (torch.tanh(x @ a.T) ** 2).sum()
     x = torch.randn(3, 4, generator=gen(1), dtype=F64)
-    fg = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=4)
+    fg = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=4, scale_correction=False)
     fg.grad(fn, x)
     state = fg.state_dict()
     second = fg.grad(fn, x)
     g = torch.autograd.functional.jacobian(fn, x)
     plan = TangentPlan("lowrank", 5, [x.shape], seed=4, step=1, dtype=F64, rank=2)
     torch.testing.assert_close(second, lstsq_projection(plan.dense(0), g))
-    resumed = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=0)
+    resumed = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=0, scale_correction=False)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.grad(fn, x), second)
 

@@ -4,6 +4,7 @@ Gradient estimates from k directional derivatives (jvps) computed in forward mod
 orthogonal projection onto the span of the tangents ("frog") or by sum/mean.
 """
 
+from .activity import describe_blocks
 from .aggregation import METHODS, aggregate, coefficients, combine, scale_correction
 from .engines import ENGINES
 from .errors import ForwardModeError, NonFiniteError
@@ -25,6 +26,7 @@ __all__ = [
     "aggregate",
     "coefficients",
     "combine",
+    "describe_blocks",
     "get_function",
     "rosenbrock",
     "sample_tangents",

@@ -35,6 +35,7 @@ import torch
 from torch.func import jvp, vmap
 
 from . import layers
+from .attention import forward_mode_attention
 from .errors import ForwardModeError
 from .layers import Users
 from .tangents import TangentPlan
@@ -189,7 +190,8 @@ class JvpEngine(Engine):
         parts = []
         for chunk in chunks:
             tangents = split.tangent_args(primals, plan, chunk)
-            values, jvps, bases = vmap(one_tangent, randomness="same")(*tangents)
+            with forward_mode_attention():  # attention with a jvp rule (F.scaled_dot_product_attention has none)
+                values, jvps, bases = vmap(one_tangent, randomness="same")(*tangents)
             del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
             parts.append(jvps)
         split.set_bases(plan, {b: basis[0] for b, basis in bases.items()})
@@ -209,8 +211,9 @@ class LoopEngine(Engine):
         for i in range(plan.num_tangents) if rows is None else rows:
             replay.reset()
             free, markers = split.tangent_args(primals, plan, [i])
-            value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
-                                                              {b: t[0] for b, t in markers.items()}), has_aux=True)
+            with forward_mode_attention():
+                value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
+                                                                  {b: t[0] for b, t in markers.items()}), has_aux=True)
             jvps.append(derivative)
         split.set_bases(plan, bases)
         return value, torch.stack(jvps)

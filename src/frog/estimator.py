@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import layers
-from .activity import blocks_of, local_graphs, perturbed
+from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch
 from .aggregation import check_method, coefficients, scale_correction
 from .distributed import Communicator
 from .engines import (
@@ -93,7 +93,13 @@ class ForwardGradient:
         seed: tangents of call t depend only on (seed, t, tangent, block).
         normalize: divide each tangent by its norm.
         angle: degrees in (0, 90], for ``tangents="angle"``.
-        scale_correction: multiply by the authors' length correction (SPEC 1, "Length").
+        scale_correction: multiply by the authors' length correction (SPEC 1, "Length"), so that the
+            estimate has the gradient's expected length instead of about sqrt(k/n) of it (frog:
+            E[chi_n] / E[chi_k]). On by default: optimizers are tuned for gradient-sized numbers
+            (epsilons of Adadelta, Adagrad, RMSprop and Adam; SGD's step size and weight decay;
+            gradient clipping), and with the plain projection they take steps about sqrt(k/n) times
+            too short or none at all. ``False`` gives the paper's plain estimators, as its experiments
+            (``frog train``, ``frog optimize``, ``frog reproduce``) use them.
         fd_step: step length h of the ``fd`` engine.
         tangent_budget_mb: memory the tangents may take. When all k tangents fit (k x n entries, or
             the factors of structured tangents), they are generated once
@@ -103,7 +109,8 @@ class ForwardGradient:
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
-        blocks: the blocks for activity perturbation (default: the children of an nn.Sequential).
+        blocks: the blocks for activity perturbation (default: found automatically, see
+            :func:`frog.activity.blocks_of`; :func:`frog.describe_blocks` shows them).
         communicator: a :class:`frog.distributed.Communicator` to share the work between ranks.
     """
 
@@ -117,7 +124,7 @@ class ForwardGradient:
         *,
         normalize: bool = False,
         angle: float | None = None,
-        scale_correction: bool = False,
+        scale_correction: bool = True,
         fd_step: float = 1e-3,
         tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB,
         rtol: float | None = None,
@@ -210,8 +217,8 @@ class ForwardGradient:
         if self.aggregation == "project":
             gram = plan.gram() if transform is None else transform @ plan.gram() @ transform.T
         coeffs = coefficients(gram, jvps, self.aggregation, rtol=self.rtol)
-        if self.scale_correction:
-            n = plan.dimension
+        if self.scale_correction:  # input-span tangents span less than n: the gradient lies in that space
+            n = plan.spanned_dimension()
             mean_sq = mean_squared_norm(self.tangents, self.normalize, n)
             coeffs = coeffs * scale_correction(self.aggregation, self.num_tangents, n, mean_sq)
         if transform is not None:
@@ -365,14 +372,21 @@ class ForwardGradient:
     def _activity_estimates(self, model, loss_fn, params):
         """Activity perturbation: per-sample jvps (k, B) of the losses along one tangent per block
         output (shared by the batch), per-sample coefficients, then each block's weight gradient by
-        a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]."""
+        a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
+        (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
-        # sim on a plain chain of blocks: the true activity gradients come from the same pass, by
-        # chaining the block-local backward products from the loss to the first block (backprop)
-        chained_sim = self.engine.single_pass and self.blocks is None
-        with local_graphs(blocks, inputs_require_grad=chained_sim) as (inputs, outputs):
+        # sim on a plain chain of blocks (an nn.Sequential of blocks only): the true activity gradients come
+        # from the same pass, by chaining the block-local backward products from the loss to the first block
+        chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
+        replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
+        parameter_names = {id(p): n for n, p in params.items()}
+        with local_graphs(blocks, chained_sim, block_labels(model, blocks), parameter_names) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
-        plan = self.plan([h.shape[1:] for h in outputs], outputs[0])
+        check_local([losses], outputs, parameter_names, "after the last block")
+        batch = losses.shape[0]
+        shared = [shared_by_batch(h, batch) for h in outputs]
+        features = [h.shape if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
+        plan = self.plan(features, outputs[0])
         comm = self.communicator
         if chained_sim:
             rows = comm.rows(self.num_tangents) if comm else None
@@ -386,12 +400,17 @@ class ForwardGradient:
             # batch, so no k x B copies of the tangents); sim needs per-sample positions, (B, features),
             # to return per-sample gradients
             per_sample = self.engine.single_pass
-            zeros = {f"block{b}": h.new_zeros(h.shape if per_sample else h.shape[1:]) for b, h in enumerate(outputs)}
+            zeros = {f"block{b}": h.new_zeros((batch, *f) if per_sample else f) for b, (h, f) in
+                     enumerate(zip(outputs, features, strict=True))}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
+            replay.reset()
             with _frozen_running_stats(model, freeze=True), torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
-        scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
-        output_grads = [plan.estimate(b, coeffs * scale).movedim(-1, 0).to(h.dtype) for b, h in enumerate(outputs)]
+        scale = 1.0 / batch  # the loss is the mean of the per-sample losses
+        output_grads = []
+        for b, h in enumerate(outputs):
+            grad = plan.estimate(b, coeffs * scale).movedim(-1, 0).to(h.dtype)  # (B, *features)
+            output_grads.append(grad.sum(0) if shared[b] else grad)
         names = list(params)
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
@@ -399,9 +418,11 @@ class ForwardGradient:
 
 
 def _per_sample(losses: torch.Tensor) -> torch.Tensor:
-    """Check that a loss function for activity perturbation returned per-sample losses (B,)."""
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+    """Per-sample losses (B,) from a loss function for activity perturbation: its (B,) output, or
+    the mean over the trailing dimensions of (B, ...) (e.g. the token losses (B, T) of a sequence)."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise ValueError("with perturbation='activity' the loss function must return per-sample losses of "
-                         f"shape (B,), e.g. cross_entropy(..., reduction='none'); got {shape}")
-    return losses
+                         "shape (B,) or (B, ...), e.g. cross_entropy(..., reduction='none'), not the batch's mean; "
+                         f"got {shape}")
+    return losses if losses.dim() == 1 else losses.flatten(1).mean(1)

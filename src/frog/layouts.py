@@ -57,6 +57,11 @@ class Dense:
     def __init__(self, shape: torch.Size) -> None:
         self.shape = self.stored = torch.Size(shape)
 
+    @property
+    def spanned(self) -> int:
+        """Dimension of the space the tangents are drawn in: every entry."""
+        return self.shape.numel()
+
     def dense(self, raw: torch.Tensor) -> torch.Tensor:
         """The tangents themselves, (k, *shape)."""
         return raw
@@ -97,6 +102,11 @@ class LowRank:
         self.stored = torch.Size((rank, self.m + self.n))
         self.span = span
         self.basis: torch.Tensor | None = None
+
+    @property
+    def spanned(self) -> int:
+        """Dimension of the space the tangents are drawn in (their E|v|^2): m n, or m d in a basis (n, d)."""
+        return self.m * (self.n if self.basis is None else self.basis.shape[1])
 
     def left(self, raw: torch.Tensor) -> torch.Tensor:
         """U_i^T / sqrt(r): (..., r, m)."""

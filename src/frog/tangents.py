@@ -373,6 +373,11 @@ class TangentPlan:
         (len(rows), samples)."""
         return self.layouts[index].inner(self.block(index, rows), grad, samples)
 
+    def spanned_dimension(self) -> int:
+        """Dimension of the space the tangents are drawn in: n, less where input-span blocks have
+        their bases (an m x n weight then spans m d, d = the basis size), as the length correction needs."""
+        return sum(layout.spanned for layout in self.layouts)
+
     def set_basis(self, index: int, basis: torch.Tensor | None) -> None:
         """Input-span block ``index``: right factors V_i = Q rho_i with Q = ``basis`` (n, d), orthonormal
         columns spanning the layer's inputs (None: the whole space). Set before the Gram matrix is formed."""

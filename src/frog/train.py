@@ -202,7 +202,8 @@ def train(
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
                               tangents=config.sampler, rank=config.rank,
-                              tangent_budget_mb=config.tangent_budget_mb)
+                              tangent_budget_mb=config.tangent_budget_mb,
+                              scale_correction=False)  # the paper's plain estimators
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}

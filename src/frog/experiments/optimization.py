@@ -144,7 +144,7 @@ def descend(
     """One run: descent on its function from the paper's start, ``steps`` steps (default: the
     function's budget); ``on_step(t, best)`` as in :func:`frog.optimize.gradient_descent`."""
     function = get_function(run.function)
-    options = {"engine": engine, "seed": run.seed}
+    options = {"engine": engine, "seed": run.seed, "scale_correction": False}  # the paper's plain estimators
     if run.angle is not None:
         options.update(tangents="angle", angle=run.angle)
     estimator = estimator_for(run.method, run.k or 1, **options)

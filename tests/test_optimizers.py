@@ -1,0 +1,79 @@
+"""Every common torch.optim optimizer learns with frog at default settings and its usual hyperparameters.
+
+frog's estimate has the gradient's expected length by default (the length correction); with the
+plain projection (about sqrt(k/n) of the gradient's length) SGD's steps and Adadelta's updates shrink
+to almost nothing, so this test fails for them without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import frog
+from frog.data import DEFAULT_DIRS, load_dataset
+
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3),
+    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.01),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+}
+STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def images():
+    if not Path(DEFAULT_DIRS["fashion-mnist"]).is_dir():
+        pytest.skip("needs Fashion-MNIST (Debian package dataset-fashion-mnist)")
+    train = load_dataset("fashion-mnist").train
+    return train.x[:2048], train.y[:2048]
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_each_optimizer_lowers_the_training_loss(name, images):
+    x_all, y_all = images
+    model = small_cnn()  # 9,418 weights: the plain projection has sqrt(16 / 9418) = 4% of the gradient's length
+    optimizer = OPTIMIZERS[name](model.parameters())
+    fg = frog.ForwardGradient(16)  # frog, k = 16, every other setting at its default
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x_all), y_all).item()
+    for _ in range(STEPS):
+        idx = torch.randint(0, len(y_all), (64,), generator=generator)
+        x, y = x_all[idx], y_all[idx]
+        optimizer.zero_grad()
+        fg.fill_grad(model, lambda m, x=x, y=y: F.cross_entropy(m(x), y))
+        optimizer.step()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x_all), y_all).item()
+    assert after < 0.97 * before, f"{name}: training loss {before:.4f} -> {after:.4f} in {STEPS} steps"
+
+
+def test_default_estimate_has_the_gradients_expected_length():
+    """Independent check: on a quadratic with n = 400, the mean of |estimate| / |gradient| over
+    many draws is 1 with the default, sqrt(k / n) (about) with the plain projection."""
+    n, k = 400, 16
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / n**0.5
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def fn(z):
+        return 0.5 * (a @ z).square().sum()
+
+    g = a.T @ (a @ x)
+    for correction, expected in ((True, 1.0), (False, (k / n) ** 0.5)):
+        fg = frog.ForwardGradient(k, seed=2, scale_correction=correction)
+        ratios = torch.tensor([float(fg.grad(fn, x).norm() / g.norm()) for _ in range(100)])
+        assert abs(ratios.mean().item() / expected - 1) < 0.05  # one draw: relative sd 1 / sqrt(2k) = 0.18
