@@ -53,11 +53,30 @@ def conv1d():
                          nn.Conv1d(3, 2, 2, stride=2, padding_mode="reflect", padding=1), nn.Flatten(), nn.Linear(8, 3))
 
 
+class InPlace(nn.Module):
+    """Layers without bias whose outputs are changed in place (ReLU(inplace=True), +=), a Linear on
+    (B, T, C) inputs: sim must take each layer's output gradient before the in-place change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.token = nn.Linear(4, 5, bias=False)
+        self.out = nn.Linear(3 * 5, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(2)  # (B, 3, 16)
+        t = self.token(h.reshape(*h.shape[:2], 4, 4).mean(-1))  # (B, 3, 5)
+        t.mul_(1.5).add_(0.1)
+        return self.out(torch.tanh(t).flatten(1))
+
+
 MODELS = {  # builder, input, number of classes
     "mlp": (mlp, lambda: torch.randn(4, 6, generator=gen(1), dtype=F64)),
     "cnn": (cnn, lambda: torch.randn(2, 2, 4, 4, generator=gen(1), dtype=F64)),
     "conv1d": (conv1d, lambda: torch.randn(3, 2, 7, generator=gen(1), dtype=F64)),
     "tied": (TiedLM, lambda: torch.tensor([[1, 2, 0, 3], [4, 5, 6, 0]])),
+    "inplace": (InPlace, lambda: torch.randn(2, 2, 4, 4, generator=gen(1), dtype=F64)),
 }
 
 
@@ -133,7 +152,7 @@ def input_bases(model, x):
     return bases
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "inplace"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_input_span_estimate_is_the_projection_onto_tangents_in_the_input_span(name, engine):
     model, loss_fn, x = setup(name)

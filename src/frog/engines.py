@@ -225,7 +225,9 @@ class SimEngine(Engine):
     For per-sample outputs (B,) with batched primals, g is the gradient of their sum at each
     sample's position, so d[:, i] = W g_i: the jvps of output i when samples do not interact
     (true unless e.g. BatchNorm in train mode couples them). Factored blocks give
-    d_i = sum_r u_ir^T g v_ir / sqrt(r) from the factors.
+    d_i = sum_r u_ir^T g v_ir / sqrt(r) from the factors; routed ones (weights of known layers) get no
+    weight gradient at all: d_i = sum over the layer's output rows of (g_out U_i)(x V_i), from the
+    gradient g_out at its output (:func:`frog.layers.gradient_taps`).
     """
 
     name = "sim"
@@ -233,15 +235,31 @@ class SimEngine(Engine):
 
     def __call__(self, fn, primals, plan, rows=None, users=None):
         split = Split(primals, plan, users)
-        leaves = {name: p.detach().requires_grad_(True) for name, p in primals.items()}
-        with torch.enable_grad(), layers.basis_hooks(split.routes, split.bases):
+        # routed weights need no gradient (no m x n weight-gradient products): their jvps come from
+        # their layers' output gradients, tapped in the same backward pass
+        leaves = {name: p.detach().requires_grad_(b in split.free) for b, (name, p) in enumerate(primals.items())}
+        taps: list[tuple[torch.Tensor, list]] = []
+        with torch.enable_grad(), layers.basis_hooks(split.routes, split.bases), \
+                layers.gradient_taps(split.routes, taps):
             value = fn(leaves)
+            if taps and value.dim() != 0:
+                raise ValueError("low-rank tangents perturb weights: the function must return one scalar, "
+                                 f"got shape {tuple(value.shape)}")
+            inputs = [leaves[split.names[b]] for b in split.free] + [anchor for anchor, _ in taps]
             if value.requires_grad:
-                grads = torch.autograd.grad(value.sum(), list(leaves.values()), allow_unused=True)
+                found = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
             else:  # fn does not depend on the primals
-                grads = (None,) * len(leaves)
+                found = (None,) * len(inputs)
         split.set_bases(plan)
-        return value.detach(), jvps_from_gradients(plan, grads, value, rows)
+        grads: list[torch.Tensor | None] = [None] * len(split.names)
+        for b, grad in zip(split.free, found, strict=False):
+            grads[b] = grad
+        jvps = jvps_from_gradients(plan, grads, value, rows)
+        for _, (b, site, x, grad) in taps:
+            if grad is not None:
+                packed = plan.block(b, rows).to(grad.dtype)
+                jvps += site.inner(x, grad, packed, split.bases.get(b)).reshape(jvps.shape).to(jvps.dtype)
+        return value.detach(), jvps
 
     def chained(self, losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                 plan: TangentPlan, rows: Sequence[int] | None = None) -> torch.Tensor:

@@ -10,7 +10,8 @@ has the tangent U^T V (U: (r, m), already divided by sqrt(r); V: (r, n)), the la
 The weight itself takes no tangent. Under ``jvp`` and ``loop`` each such module runs as a custom
 function whose forward-mode rule adds the change to its output's tangent (:func:`forward_rules`, all
 k tangents in one vectorized pass); under ``fd`` a forward hook adds +-h times the change to its
-output's value (:func:`shift_hooks`). Input-span tangents (right factors V = rho Q^T, Q an orthonormal
+output's value (:func:`shift_hooks`); under ``sim`` a backward pass gives each such module's output
+gradient g, and the jvps are sum (g U)(x V) (:func:`gradient_taps`, :meth:`Site.inner`). Input-span tangents (right factors V = rho Q^T, Q an orthonormal
 basis of the layer's inputs in the batch, or of its input patches for a convolution) take Q from
 the layer's input while it runs (:func:`forward_rules`; :func:`basis_hooks` for ``sim`` and ``fd``).
 
@@ -177,6 +178,34 @@ class Site:
         else:
             change = coefficients @ left if add_to is None else add_to + coefficients @ left
         return change if channel is None else change.movedim(-1, channel)
+
+    def inner(self, x: torch.Tensor, grad_output: torch.Tensor, packed: torch.Tensor,
+              basis: torch.Tensor | None) -> torch.Tensor:
+        """<grad_output, change along tangent i> for the k tangents stored in ``packed`` (k, r, m + n),
+        without forming the changes: sum over output positions of (grad . U_i)(input . V_i), (k,).
+        With ``grad_output`` the gradient of a loss at this call's output, these are the call's
+        share of the k jvps of the loss (O(rows (m + n) k r), no m x n product)."""
+        layout, module = self.layout, self.module
+        k, kr = packed.shape[0], packed.shape[0] * layout.rank
+        left = layout.left(packed).reshape(kr, layout.m)  # U^T / sqrt(r), rows of all tangents
+        right = packed[..., layout.m:]
+        if basis is not None:
+            right = right[..., : basis.shape[1]] @ basis.T
+        right = right.reshape(kr, layout.n)
+        if isinstance(module, nn.Linear):
+            coefficients = x.reshape(-1, layout.n) @ right.T  # (rows, k r): input . V
+            along = grad_output.reshape(-1, layout.m) @ left.T  # (rows, k r): grad . U
+        elif isinstance(module, nn.Embedding):
+            coefficients = F.embedding(x.reshape(-1), left.T)  # U[idx]
+            if module.padding_idx is not None:
+                coefficients = coefficients * (x.reshape(-1, 1) != module.padding_idx).to(coefficients.dtype)
+            along = grad_output.reshape(-1, layout.n) @ right.T  # grad . V
+        else:
+            channel = self._channel(x)
+            kernel = right.reshape(kr, *layout.shape[1:])
+            coefficients = module._conv_forward(x, kernel, None).movedim(channel, -1).reshape(-1, kr)
+            along = grad_output.movedim(channel, -1).reshape(-1, layout.m) @ left.T
+        return (coefficients * along).sum(0).reshape(k, layout.rank).sum(1)
 
     def _channel(self, x: torch.Tensor) -> int:
         """A convolution's channel dimension: 1 for a batch (B, C, *spatial), 0 for one unbatched input."""
@@ -354,6 +383,28 @@ def basis_hooks(routes: Routes, bases: dict[int, torch.Tensor]) -> Iterator[None
         if site.layout.span and b not in bases and site.spans_less(x):
             bases[b] = site.basis(x.detach())
         return output
+
+    with _hooks(routes, on_output):
+        yield
+
+
+@contextmanager
+def gradient_taps(routes: Routes, taps: list[tuple[torch.Tensor, list]]) -> Iterator[None]:
+    """Every call of a routed module leaves a tap: (anchor, [block, site, input, gradient at the output]).
+
+    The module returns output + anchor, anchor a zero scalar that requires grad, so that a backward
+    pass that asks for the anchors' gradients reaches every routed output (the weights themselves
+    need no gradient); a tensor hook keeps the output's gradient (as returned: the gradient before
+    any later in-place change, e.g. ReLU(inplace=True)), which fills the tap's last entry.
+    """
+
+    def on_output(b: int, site: Site, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        anchor = output.new_zeros((), requires_grad=True)
+        tapped = output + anchor
+        record = [b, site, x.detach(), None]
+        tapped.register_hook(lambda grad: record.__setitem__(3, grad))
+        taps.append((anchor, record))
+        return tapped
 
     with _hooks(routes, on_output):
         yield
