@@ -76,7 +76,7 @@ def _run(tmp_path: Path, task: str) -> list[dict]:
 
 
 def _parameters(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_two_ranks_match_one_process(tmp_path):

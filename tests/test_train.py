@@ -148,8 +148,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(resumed) == drop(straight)
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -165,8 +165,8 @@ def test_structured_tangents_train_and_resume_from_the_cli(tmp_path, sampler):
     saved["config"]["epochs"] = 2  # the interrupted run was asked for 2 epochs
     (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
     assert main([*args, "--epochs", "2", "--resume", "--out", str(tmp_path / "b")]) == 0
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
     torch.manual_seed(1)  # the run's initial weights: the structured estimates moved them

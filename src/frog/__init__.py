@@ -7,7 +7,7 @@ orthogonal projection onto the span of the tangents ("frog") or by sum/mean.
 from .activity import describe_blocks
 from .aggregation import METHODS, aggregate, coefficients, combine, scale_correction
 from .engines import ENGINES
-from .errors import ForwardModeError, NonFiniteError
+from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
 from .functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 from .tangents import KINDS, TangentPlan, sample_tangents
@@ -19,6 +19,7 @@ __all__ = [
     "FUNCTIONS",
     "KINDS",
     "METHODS",
+    "CheckpointError",
     "ForwardGradient",
     "ForwardModeError",
     "NonFiniteError",

@@ -9,3 +9,7 @@ class NonFiniteError(FloatingPointError):
 
 class ForwardModeError(RuntimeError):
     """The function uses an operation that forward-mode AD (torch.func.jvp) cannot run."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint frog will not read: it holds more than tensors and plain values, or it is damaged."""

@@ -3,7 +3,9 @@
 Cross-entropy, plain SGD at a constant step size (no momentum, no weight decay), early stopping on
 the validation loss. Every epoch appends a row to ``metrics.csv`` and then writes ``checkpoint.pt``;
 ``resume=True`` continues from the checkpoint with the same numbers as an uninterrupted run (the
-data order of epoch e and the tangents of step t depend only on the seed, e and t).
+data order of epoch e and the tangents of step t depend only on the seed, e and t; the global torch
+random state is restored too). Checkpoints hold tensors and plain values only and are read with
+``weights_only=True`` (:mod:`frog.checkpoints`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
 from .distributed import Communicator
 from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
-from .errors import NonFiniteError
+from .errors import CheckpointError, NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .lrs import model_row_name, network_lr, table_lr
 from .methods import check_method_name, estimator_for
@@ -221,12 +224,7 @@ def train(
         if saved != current:
             changed = sorted(set(saved) ^ set(current) | {k for k in saved if saved[k] != current.get(k)})
             raise ValueError(f"cannot resume {out_dir}: settings differ from the checkpoint ({', '.join(changed)})")
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if estimator is not None:
-            estimator.load_state_dict(checkpoint["estimator"])
-        state = checkpoint["state"]
+        state = _restore(checkpoint_path, device, model, optimizer, estimator)
         if main_rank:
             _, rows = read_csv(metrics_path)
             write_csv(metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= state["epoch"]])
@@ -289,7 +287,10 @@ def train(
         }
         if main_rank:
             metrics.append(row)
-            _save(checkpoint_path, model, optimizer, estimator, state)
+            checkpoints.save(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "estimator": estimator.state_dict() if estimator is not None else None,
+                "state": state, "rng": checkpoints.rng_state(device)})
         log(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_accuracy:.4f} | test acc {test_accuracy:.4f} | {row['seconds']:.1f} s")
         if on_epoch is not None:
@@ -310,9 +311,19 @@ def _plain(tensor: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
-def _save(path: Path, model: nn.Module, optimizer, estimator: ForwardGradient | None, state: dict[str, Any]) -> None:
-    """Write the checkpoint atomically (a crash never leaves a half-written file)."""
-    partial = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "estimator": estimator.state_dict() if estimator is not None else None, "state": state}, partial)
-    partial.replace(path)
+def _restore(path: Path, device: torch.device, model: nn.Module, optimizer, estimator: ForwardGradient | None
+             ) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into model, optimizer, estimator and the random state; returns
+    the loop state (epoch, best validation loss, epochs without improvement, done)."""
+    checkpoint = checkpoints.load(path, map_location=device)
+    missing = [key for key in ("model", "optimizer", "estimator", "state") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a frog training checkpoint (it lacks {', '.join(missing)}); "
+                              "start the run again without --resume")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if estimator is not None:
+        estimator.load_state_dict(checkpoint["estimator"])
+    if checkpoint.get("rng") is not None:  # checkpoints of older frog versions have none (nothing drew from it)
+        checkpoints.set_rng_state(checkpoint["rng"], device)
+    return checkpoint["state"]

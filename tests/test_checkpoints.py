@@ -1,0 +1,123 @@
+"""Checkpoints hold tensors and plain values only; resume refuses anything else before it can run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import frog.train
+from frog import checkpoints
+from frog.cli import main
+from frog.errors import CheckpointError
+from frog.train import TrainConfig, train
+
+QUIET = {"progress": False, "log": lambda s: None}
+BP = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, epochs=1)
+BP_ARGS = ["train", "--model", "fc", "--width", "16", "--dataset", "digits", "--gradient", "bp", "--lr", "0.1",
+           "--epochs", "1"]
+
+
+class RunsCode:
+    """Unpickling this creates the folder ``marker``: an observable side effect of running code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def interrupted_after(config: TrainConfig, epochs: int, out: Path) -> None:
+    """Train ``epochs`` of a run asked for ``config.epochs`` into ``out``, as if stopped there."""
+    train(TrainConfig(**{**config.__dict__, "epochs": epochs}), out, **QUIET)
+    saved = json.loads((out / "config.json").read_text())
+    saved["config"]["epochs"] = config.epochs
+    (out / "config.json").write_text(json.dumps(saved))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+    train(BP, tmp_path / "run", **QUIET)
+    path = tmp_path / "run" / "checkpoint.pt"
+    torch.save({"model": {}, "optimizer": {}, "estimator": None, "state": RunsCode(tmp_path / "ran")}, path)
+    # the file is a real threat: an unsafe load runs its code
+    shutil.copy(path, tmp_path / "copy.pt")
+    torch.load(tmp_path / "copy.pt", weights_only=False)
+    assert (tmp_path / "ran").is_dir()
+    os.rmdir(tmp_path / "ran")
+
+    with pytest.raises(CheckpointError, match="without --resume") as caught:
+        train(BP, tmp_path / "run", resume=True, **QUIET)
+    assert str(path) in str(caught.value) and "convert" in str(caught.value)
+    assert main([*BP_ARGS, "--resume", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("frog: error:") and str(path) in err and "\n" not in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_trusted_checkpoint_with_numpy_values_converts_once(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"best": np.float64(0.5), "weights": np.arange(3.0), "nested": [{"step": np.int64(4)}]}, path)
+    with pytest.raises(CheckpointError, match="convert"):
+        checkpoints.load(path)
+    checkpoints.convert(path)
+    loaded = checkpoints.load(path)
+    assert type(loaded["best"]) is float and loaded["best"] == 0.5
+    assert torch.equal(loaded["weights"], torch.arange(3.0, dtype=torch.float64))
+    assert loaded["nested"] == [{"step": 4}] and type(loaded["nested"][0]["step"]) is int
+
+
+def test_damaged_checkpoints_and_foreign_values(tmp_path):
+    train(BP, tmp_path, **QUIET)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="without --resume"):
+        train(BP, tmp_path, resume=True, **QUIET)
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="lacks optimizer, estimator, state"):
+        train(BP, tmp_path, resume=True, **QUIET)
+    # writing refuses what reading would refuse, naming the entry
+    with pytest.raises(TypeError, match=r"checkpoint\['state'\]\['best'\] is a float64"):
+        checkpoints.save(path, {"state": {"best": np.float64(1.0)}})
+    with pytest.raises(TypeError, match=r"checkpoint\[0\] is a RunsCode"):
+        checkpoints.check_plain([RunsCode(tmp_path)])
+
+
+def test_resume_of_a_checkpoint_without_random_state_as_older_versions_wrote(tmp_path):
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="fg-mean", tangents=4, engine="sim",
+                         lr=0.05, batch_size=32, epochs=2)
+    straight = train(config, tmp_path / "a", **QUIET)
+    interrupted_after(config, 1, tmp_path / "b")
+    path = tmp_path / "b" / "checkpoint.pt"
+    old = {key: value for key, value in checkpoints.load(path).items() if key != "rng"}
+    torch.save(old, path)
+    resumed = train(config, tmp_path / "b", resume=True, **QUIET)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(resumed) == drop(straight)
+
+
+def test_resume_restores_the_random_state_of_dropout(tmp_path, monkeypatch):
+    """A network that draws random numbers while training (dropout) resumes with the same numbers."""
+    plain = frog.train.make_model
+
+    def with_dropout(*args, **kwargs) -> nn.Sequential:
+        model = plain(*args, **kwargs)
+        model.hidden2.append(nn.Dropout(0.5))
+        return model
+
+    monkeypatch.setattr(frog.train, "make_model", with_dropout)
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, batch_size=32, epochs=2)
+    train(config, tmp_path / "a", **QUIET)
+    interrupted_after(config, 1, tmp_path / "b")
+    train(config, tmp_path / "b", resume=True, **QUIET)
+    a = checkpoints.load(tmp_path / "a" / "checkpoint.pt")
+    b = checkpoints.load(tmp_path / "b" / "checkpoint.pt")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])
