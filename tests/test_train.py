@@ -97,6 +97,57 @@ def test_activity_engines_agree_on_networks(model_name):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def table1_estimates(name: str, perturbation: str, train_mode: bool, k: int) -> dict[str, tuple[torch.Tensor, list]]:
+    """One fill_grad step of the Table I network ``name`` on 4 random Fashion-MNIST-shaped images
+    (1 x 28 x 28, 10 classes), as ``frog train`` runs it (frog, plain estimator), per engine: the
+    returned loss and the parameter estimates. Checks that they are finite and shaped like the
+    parameters, and that the loss is the batch's mean cross-entropy."""
+    torch.manual_seed(0)
+    model = make_model(name, (1, 28, 28), 10).train(train_mode)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    reduction = "none" if perturbation == "activity" else "mean"
+    out = {}
+    for engine in ("sim", "jvp"):
+        fg = frog.ForwardGradient(k, "project", engine=engine, seed=3, perturbation=perturbation,
+                                  scale_correction=False)
+        loss = fg.fill_grad(model, lambda m: nn.functional.cross_entropy(m(x), y, reduction=reduction))
+        grads = [p.grad.clone() for p in model.parameters()]
+        assert all(g.shape == p.shape and torch.isfinite(g).all() for g, p in zip(grads, model.parameters(),
+                                                                                   strict=True)), engine
+        with torch.no_grad():
+            assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(model(x), y)), rel=1e-5)
+        out[engine] = loss, grads
+    return out
+
+
+def flat_cosine_and_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """Cosine of the concatenated estimates and |a - b| / |b|."""
+    a, b = torch.cat([g.flatten() for g in a]).double(), torch.cat([g.flatten() for g in b]).double()
+    return float(a @ b / (a.norm() * b.norm())), float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name, perturbation, train_mode", [
+    ("resnet18", "activity", False),  # BatchNorm with running statistics: the samples do not interact
+    ("resnet18", "weight", True),  # one scalar loss: both engines give its exact directional derivatives
+    ("vit", "activity", True),
+    ("vit", "weight", True),
+])
+def test_table1_networks_sim_and_jvp_give_the_same_estimate(name, perturbation, train_mode):
+    estimates = table1_estimates(name, perturbation, train_mode, k=16 if perturbation == "activity" else 4)
+    (sim_loss, sim), (jvp_loss, jvp) = estimates["sim"], estimates["jvp"]
+    assert float(sim_loss) == pytest.approx(float(jvp_loss), rel=1e-5)
+    assert flat_cosine_and_error(jvp, sim)[1] < 1e-4
+
+
+def test_resnet18_train_mode_batchnorm_couples_the_samples_of_activity_jvps():
+    """BatchNorm with batch statistics makes every loss l_i depend on every sample's activity h_j. With a
+    tangent v shared by the batch, jvp gives d_i = <sum_j dl_i/dh_j, v>, sim d_i = <d(sum_j l_j)/dh_i, v>
+    (SimEngine): equal in sum over i, not per sample, so the estimates differ (benchmarks/batchnorm.py
+    measures by how much on real batches)."""
+    estimates = table1_estimates("resnet18", "activity", True, k=16)
+    assert flat_cosine_and_error(estimates["jvp"][1], estimates["sim"][1])[0] < 0.99
+
+
 @pytest.mark.parametrize("engine", ["jvp", "loop", "sim", "fd"])
 def test_activity_batchnorm_statistics_updated_once(engine):
     torch.manual_seed(2)
