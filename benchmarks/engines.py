@@ -3,7 +3,8 @@
 Model (--model): ``mlp``, MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks), batch 64; or
 ``gpt``, the character-level GPT of examples/char_gpt.py (2 blocks, width 64, 4 heads, context 64,
 F.scaled_dot_product_attention, tied weights, dropout 0.1; a vocabulary of 96), batch 32, whose
-blocks for activity perturbation are found automatically. For each k and each perturbation (weight
+blocks for activity perturbation are found automatically; or ``resnet18`` / ``vit``, the Table I networks
+of frog.models on Fashion-MNIST-shaped random images (1 x 28 x 28, 10 classes, train mode), batch 64. For each k and each perturbation (weight
 with the tangent samplers of --samplers: dense ``normal``, ``lowrank`` and ``input-span`` of rank
 --rank; activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
@@ -11,11 +12,13 @@ plain matmul measured in the same run, the share of tangent generation + Gram in
 (timed alone, as a step generates them), the matmul share of the rest of that step ("rest %mm":
 the jvp FLOPs over the step time minus generation + Gram), and a final JSON line.
 
-    python benchmarks/engines.py [--model mlp|gpt] [--ks 1 4 16 64] [--perturbations weight activity]
+    python benchmarks/engines.py [--model mlp|gpt|resnet18|vit] [--ks 1 4 16 64]
+                                 [--perturbations weight activity]
                                  [--samplers normal lowrank input-span] [--rank 1]
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
 
-For the GPT only times and ratios are printed (no FLOP model), engines jvp and sim by default.
+For the GPT, ResNet18 and ViT only times and ratios are printed (no FLOP model), engines jvp and
+sim by default.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import torch
 from torch import nn
 
 import frog
+import frog.models
 
 LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 GPT_VOCAB = 96
+IMAGE_SHAPE, IMAGE_CLASSES = (1, 28, 28), 10  # Fashion-MNIST, for resnet18 and vit
+DEFAULT_BATCH = {"mlp": 64, "gpt": 32, "resnet18": 64, "vit": 64}
 
 
 def make_gpt(device: str) -> nn.Module:
@@ -53,6 +59,35 @@ def make_model(device: str) -> nn.Module:
         last = i == len(LAYERS) - 1
         blocks.append(nn.Linear(fan_in, fan_out) if last else nn.Sequential(nn.Linear(fan_in, fan_out), nn.ReLU()))
     return nn.Sequential(*blocks).to(device)
+
+
+def workload(name: str, batch: int, device: str):
+    """``(model, x, losses, description)`` of benchmark model ``name``: ``losses(m, reduction)`` is the
+    cross-entropy of model m on the random batch x, per sample (B,) or per token (B, 64) with
+    reduction "none"."""
+    if name == "gpt":  # characters (B, 64) and their successors
+        model = make_gpt(device)
+        x = torch.randint(0, GPT_VOCAB, (batch, 64), device=device)
+        y = torch.randint(0, GPT_VOCAB, (batch, 64), device=device)
+
+        def losses(m: nn.Module, reduction: str) -> torch.Tensor:
+            return nn.functional.cross_entropy(m(x)[0].transpose(1, 2), y, reduction=reduction)
+
+        return model, x, losses, f"GPT (examples/char_gpt.py), batch {batch} x 64 characters"
+    if name == "mlp":
+        model, x = make_model(device), torch.randn(batch, 784, device=device)
+        description = f"MLP 784-1024-1024-10, batch {batch}"
+    else:
+        torch.manual_seed(0)
+        model = frog.models.make_model(name, IMAGE_SHAPE, IMAGE_CLASSES).to(device)
+        x = torch.randn(batch, *IMAGE_SHAPE, device=device)
+        description = f"{name} (frog.models), Fashion-MNIST-shaped input 1x28x28, batch {batch}"
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def losses(m: nn.Module, reduction: str) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(x), y, reduction=reduction)
+
+    return model, x, losses, description
 
 
 def sync(device: str) -> None:
@@ -94,14 +129,14 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["mlp", "gpt"], default="mlp")
+    parser.add_argument("--model", choices=list(DEFAULT_BATCH), default="mlp")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--perturbations", nargs="+", default=["weight", "activity"])
     parser.add_argument("--samplers", nargs="+", default=["normal", "lowrank", "input-span"],
                         help="tangents of weight perturbation")
     parser.add_argument("--rank", type=int, default=1, help="rank of the lowrank and input-span tangents")
-    parser.add_argument("--engines", nargs="+", default=None, help="default: jvp loop sim fd (mlp), jvp sim (gpt)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 64 (mlp), 32 (gpt)")
+    parser.add_argument("--engines", nargs="+", default=None, help="default: jvp loop sim fd (mlp), jvp sim (others)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 (gpt), 64 (others)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -111,23 +146,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    gpt = args.model == "gpt"
-    args.engines = args.engines or (["jvp", "sim"] if gpt else ["jvp", "loop", "sim", "fd"])
-    args.batch = args.batch or (32 if gpt else 64)
-    model = make_gpt(device) if gpt else make_model(device)
+    flops = args.model == "mlp"  # the FLOP model and the tangent-generation share: the MLP only
+    args.engines = args.engines or (["jvp", "loop", "sim", "fd"] if flops else ["jvp", "sim"])
+    args.batch = args.batch or DEFAULT_BATCH[args.model]
+    model, x, losses, model_name = workload(args.model, args.batch, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if gpt:  # characters (B, 64) and their successors; per-token losses (B, 64) for activity perturbation
-        x = torch.randint(0, GPT_VOCAB, (args.batch, 64), device=device)
-        y = torch.randint(0, GPT_VOCAB, (args.batch, 64), device=device)
-
-        def losses(m: nn.Module, reduction: str) -> torch.Tensor:
-            return nn.functional.cross_entropy(m(x)[0].transpose(1, 2), y, reduction=reduction)
-    else:
-        x = torch.randn(args.batch, 784, device=device)
-        y = torch.randint(0, 10, (args.batch,), device=device)
-
-        def losses(m: nn.Module, reduction: str) -> torch.Tensor:
-            return nn.functional.cross_entropy(m(x), y, reduction=reduction)
 
     def backprop_step() -> None:
         optimizer.zero_grad()
@@ -150,8 +173,6 @@ def main() -> None:
         "weight": [p.shape for p in model.parameters()],
         "activity": [torch.Size((fan_out,)) for _, fan_out in LAYERS],
     }
-    model_name = f"GPT (examples/char_gpt.py), batch {args.batch} x 64 characters" if gpt else \
-        f"MLP 784-1024-1024-10, batch {args.batch}"
 
     def tangents_and_gram(k: int, perturbation: str, sampler: str):
         rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
@@ -169,7 +190,7 @@ def main() -> None:
     print(f"{model_name}, device {device}, threads {torch.get_num_threads()}, "
           f"tangent budget {args.tangent_budget_mb:g} MB; "
           f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
-    extra = f"{'jvp/sim':>10}" if gpt else \
+    extra = f"{'jvp/sim':>10}" if not flops else \
         f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}"
     print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines) + extra)
     settings = [(p, s) for p in args.perturbations for s in (args.samplers if p == "weight" else ["normal"])]
@@ -184,10 +205,10 @@ def main() -> None:
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
             line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
-            if gpt and "jvp" in times and "sim" in times:
+            if not flops and "jvp" in times and "sim" in times:
                 row["jvp_over_sim"] = times["jvp"] / times["sim"]
                 line += f"{row['jvp_over_sim']:>10.2f}"
-            elif "jvp" in times and not gpt:
+            elif "jvp" in times and flops:
                 achieved = jvp_flops(args.batch, k, perturbation, sampler, args.rank) / times["jvp"] / 1e9
                 row.update(jvp_gflops=achieved, jvp_share_of_matmul=achieved / peak)
                 loop_ratio = times["loop"] / times["jvp"] if "loop" in times else float("nan")
