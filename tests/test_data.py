@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from frog.data import DATASETS, DEFAULT_DIRS, Dataset, Split, batches, load_dataset, validation_size
+from frog.data import DATASETS, DEFAULT_DIRS, Dataset, Split, batches, load_dataset, subset, validation_size
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -367,6 +367,17 @@ def test_digits() -> None:
     assert torch.equal(all_y.bincount(), torch.as_tensor(load_digits().target).bincount())
     same, other = load_dataset("digits", split_seed=0), load_dataset("digits", split_seed=1)
     assert torch.equal(same.val.x, ds.val.x) and not torch.equal(other.val.y, ds.val.y)
+
+
+def test_subset_keeps_the_first_images_of_each_split() -> None:
+    ds = load_dataset("digits")
+    small = subset(ds, 400)  # more than the 360 validation and test images: those stay whole
+    assert (len(small.train), len(small.val), len(small.test)) == (400, 360, 360)
+    assert torch.equal(small.train.x, ds.train.x[:400]) and torch.equal(small.train.y, ds.train.y[:400])
+    assert torch.equal(small.test.y, ds.test.y)
+    assert (small.input_shape, small.num_classes, small.name) == (ds.input_shape, ds.num_classes, ds.name)
+    with pytest.raises(ValueError, match="images must be >= 1"):
+        subset(ds, 0)
 
 
 def test_fashion_mnist_installed() -> None:

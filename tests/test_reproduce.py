@@ -10,7 +10,9 @@ TINY = Settings(
     approx_dims=[64], approx_samples=60, angle_samples=60,
     opt_dims=[4, 16], opt_tangents=[1, 16], opt_seeds=[0], angle_seeds=[0],
     steps={"sphere": 40, "rosenbrock": 40, "styblinski-tang": 40},
-    networks=(NetworkRuns(["digits"], [256], [("bp", None), ("frog", 4)], [0], epochs=1),),
+    networks=(NetworkRuns(["digits"], [256], [("bp", None), ("frog", 4)], [0], epochs=1),
+              NetworkRuns(["digits"], [None], [("frog", 4)], [0], epochs=1, model="resnet18", images=64),
+              NetworkRuns(["digits"], [None], [("bp", None)], [0], epochs=1, model="vit", images=64)),
 )
 
 
@@ -32,5 +34,9 @@ def test_reproduce_writes_report_figures_and_tables(tmp_path):
     assert "| digits | 256 | frog | 4 | 0 | 1 |" in text
     assert (tmp_path / "networks" / "summary.csv").exists()
     assert (tmp_path / "networks" / "digits_w256_frog_k4_s0" / "metrics.csv").exists()
+    # Table I networks: their own table (one step on 64 images each), not part of the FC claims
+    assert "## ResNet18 and ViT (Sec. 4.5, Table I)" in text
+    assert "| digits | resnet18 | frog | 4 | 0 | 1 |" in text and "| digits | vit | bp | – | 0 | 1 |" in text
+    assert (tmp_path / "networks" / "digits_resnet18_frog_k4_s0_n64" / "metrics.csv").exists()
     # the optimization table has one row per (function, n)
     assert sum(line.startswith(("| sphere |", "| rosenbrock |", "| styblinski-tang |")) for line in text.splitlines()) == 6

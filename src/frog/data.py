@@ -20,7 +20,7 @@ import io
 import pickle
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -92,6 +92,17 @@ class Dataset:
     test: Split
     num_classes: int
     input_shape: tuple[int, int, int]
+
+
+def subset(data: Dataset, images: int) -> Dataset:
+    """``data`` cut to the first ``images`` images of each split (all of a smaller split)."""
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+
+    def cut(split: Split) -> Split:
+        return Split(split.x[:images], split.y[:images])
+
+    return replace(data, train=cut(data.train), val=cut(data.val), test=cut(data.test))
 
 
 def load_dataset(

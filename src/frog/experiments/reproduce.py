@@ -1,7 +1,9 @@
-"""``frog reproduce``: the paper's analysis experiments (SPEC 2.1-2.3) and a REPORT.md.
+"""``frog reproduce``: the paper's analysis experiments (SPEC 2.1-2.3), its network experiments
+(SPEC 2.4-2.5) and a REPORT.md.
 
-The full variant uses the paper's settings; ``quick`` cuts samples, dimensions, seeds and the
-Rosenbrock step budget so it runs in a few minutes on 2 CPU cores (the report says what was cut).
+The full variant uses the paper's settings, with a 3-epoch slice of Table I (ResNet18 and ViT);
+``quick`` cuts samples, dimensions, seeds and the Rosenbrock step budget, and runs ResNet18 and ViT
+for a few steps only, so it runs in a few minutes on 2 CPU cores (the report says what was cut).
 """
 
 from __future__ import annotations
@@ -41,22 +43,39 @@ class Settings:
 
 
 QUICK_APPROACHES = [("bp", None), ("fg-mean", 16), ("frog", 16)]
+TABLE1_APPROACHES = QUICK_APPROACHES  # the Table I slice: bp, fg-mean k = 16, frog k = 16
+QUICK_IMAGES = 256  # images of each split in the quick ResNet18 / ViT runs: 4 steps of batch 64
+
+
+def table1_runs(epochs: int, images: int | None = None) -> tuple[NetworkRuns, ...]:
+    """ResNet18 and ViT on Fashion-MNIST with bp, fg-mean and frog (k = 16), seed 0, the paper's
+    simulation engine and MNIST step sizes (``sota_nns.csv``), activity perturbation."""
+    return tuple(NetworkRuns(["fashion-mnist"], [None], TABLE1_APPROACHES, [0], epochs=epochs, model=model,
+                             images=images) for model in ("resnet18", "vit"))
+
+
 FULL = Settings(
-    name="full", note="The paper's settings (SPEC 2.1-2.3).",
+    name="full", note="The paper's settings (SPEC 2.1-2.4); Table I (SPEC 2.5): ResNet18 and ViT on "
+                      "Fashion-MNIST for 3 epochs, bp, fg-mean k = 16 and frog k = 16, seed 0, sim engine.",
     approx_dims=POWERS_OF_TWO, approx_samples=1000, angle_samples=1000,
     opt_dims=POWERS_OF_TWO, opt_tangents=[1, 2, 4, 16], opt_seeds=[0, 1, 2, 3, 4], angle_seeds=[0, 1, 2, 3, 4],
-    networks=(NetworkRuns(["fashion-mnist"], [256, 1024, 4096], PAPER_APPROACHES, [0, 1, 2], epochs=200),),
+    networks=(NetworkRuns(["fashion-mnist"], [256, 1024, 4096], PAPER_APPROACHES, [0, 1, 2], epochs=200),
+              *table1_runs(epochs=3)),
 )
 QUICK = Settings(
     name="quick",
     note="Quick variant: approximation at n = 64 only, angle approximation with 300 samples; optimization "
          "for n in {4, 16, 64}, k in {1, 16}, seeds {0, 1}, angle optimization seed 0, Rosenbrock cut to 2500 steps; "
          "networks: FC-256 on digits for 20 epochs and on Fashion-MNIST for 2 epochs, bp, fg-mean k = 16 and "
-         "frog k = 16, seed 0, sim engine (the paper's simulation: the same gradients as forward mode).",
+         "frog k = 16, seed 0, sim engine (the paper's simulation: the same gradients as forward mode where the "
+         "samples do not interact; ResNet18's BatchNorm in train mode couples them, see benchmarks/batchnorm.py); "
+         f"ResNet18 and ViT on the first {QUICK_IMAGES} images of each Fashion-MNIST split for 1 epoch (4 steps): "
+         "a check that they train, not Table I.",
     approx_dims=[64], approx_samples=1000, angle_samples=300,
     opt_dims=[4, 16, 64], opt_tangents=[1, 16], opt_seeds=[0, 1], angle_seeds=[0], steps={"rosenbrock": 2500},
     networks=(NetworkRuns(["digits"], [256], QUICK_APPROACHES, [0], epochs=20),
-              NetworkRuns(["fashion-mnist"], [256], QUICK_APPROACHES, [0], epochs=2)),
+              NetworkRuns(["fashion-mnist"], [256], QUICK_APPROACHES, [0], epochs=2),
+              *table1_runs(epochs=1, images=QUICK_IMAGES)),
 )
 
 
@@ -67,7 +86,8 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def reproduce(out: Path, settings: Settings = FULL, engine: str = "jvp") -> Path:
-    """Run Fig. 3, 4 and 5 of the paper into ``out`` and write ``out/REPORT.md``; returns its path.
+    """Run Fig. 3, 4 and 5 and the network runs of ``settings`` into ``out`` and write ``out/REPORT.md``;
+    returns its path.
 
     Every CSV row is written as it is computed; rerunning resumes where a run stopped.
     """
