@@ -9,7 +9,8 @@ perturbation); weight perturbation with ``normal`` (dense), ``lowrank`` (rank 1)
    engine, whose numbers equal jvp's); the step size with the lowest validation loss wins (a
    diverged run loses).
 2. Run: --epochs epochs at the chosen step size with --engine (default jvp: true forward mode, whose
-   seconds per epoch are the cost this table reports).
+   seconds per epoch are the cost this table reports: the median over the epochs). A run that
+   diverges is kept and the sweep's next best step size runs instead (column diverged_lrs).
 
 Results: OUT/sweep.csv, OUT/table.csv, and each training's folder (metrics.csv, checkpoint.pt).
 Everything resumes: a rerun skips what is written and continues interrupted trainings.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from pathlib import Path
 
 from frog.data import load_dataset
@@ -36,7 +38,8 @@ METHODS = {  # name: TrainConfig settings
     "input-span": {"gradient": "frog", "perturbation": "weight", "sampler": "input-span"},
 }
 SWEEP = ["width", "method", "lr", "val_loss", "val_accuracy", "diverged", "seconds"]
-TABLE = ["width", "method", "lr", "epochs", "test_accuracy", "val_accuracy", "seconds_per_epoch", "engine", "command"]
+TABLE = ["width", "method", "lr", "epochs", "test_accuracy", "val_accuracy", "seconds_per_epoch", "engine", "command",
+         "diverged_lrs"]
 
 
 def command(width: int, method: str, lr: float, epochs: int, engine: str) -> str:
@@ -85,18 +88,25 @@ def main() -> None:
                 row = done[lr]
                 losses[lr] = math.inf if row["diverged"] == "true" else float(row["val_loss"])
                 print(f"sweep w{width} {method:<10} lr {lr:<6g} val loss {losses[lr]:.4f}", flush=True)
-            best = min(losses, key=losses.get)
             if args.sweep_only or any((r["width"], r["method"]) == (str(width), method) for r in table.rows):
                 continue
-            rows = train(TrainConfig(**base, lr=best, epochs=args.epochs, engine=args.engine, patience=args.epochs),
-                         out / f"w{width}_{method}", resume=True, **quiet)
-            table.append({"width": width, "method": method, "lr": best, "epochs": len(rows),
+            ranked = sorted((lr for lr in losses if math.isfinite(losses[lr])), key=losses.get)
+            diverged = []  # step sizes whose run diverged: the next best of the sweep runs instead
+            for rank, lr in enumerate(ranked):
+                folder = out / (f"w{width}_{method}" if rank == 0 else f"w{width}_{method}_lr{lr:g}")
+                rows = train(TrainConfig(**base, lr=lr, epochs=args.epochs, engine=args.engine, patience=args.epochs),
+                             folder, resume=True, **quiet)
+                if rows[-1]["diverged"] != "true":
+                    break
+                diverged.append(lr)
+            table.append({"width": width, "method": method, "lr": lr, "epochs": len(rows),
                           "test_accuracy": float(rows[-1]["test_accuracy"]),
                           "val_accuracy": float(rows[-1]["val_accuracy"]),
-                          "seconds_per_epoch": sum(float(r["seconds"]) for r in rows) / len(rows),
+                          "seconds_per_epoch": statistics.median(float(r["seconds"]) for r in rows),
                           "engine": args.engine if method != "bp" else "",
-                          "command": command(width, method, best, args.epochs, args.engine)})
-            print(f"w{width} {method:<10} lr {best:g}: test accuracy {float(rows[-1]['test_accuracy']):.4f}, "
+                          "command": command(width, method, lr, args.epochs, args.engine),
+                          "diverged_lrs": " ".join(f"{d:g}" for d in diverged)})
+            print(f"w{width} {method:<10} lr {lr:g}: test accuracy {float(rows[-1]['test_accuracy']):.4f}, "
                   f"{table.rows[-1]['seconds_per_epoch']} s/epoch", flush=True)
 
 
