@@ -245,6 +245,8 @@ def test_weight_perturbation_and_early_stopping(tmp_path):
     assert len(rows) < 5
     stored = json.loads((tmp_path / "config.json").read_text())["config"]
     assert stored["perturbation"] == "weight" and stored["batch_size"] == 64
+    again = train(config, tmp_path, resume=True, progress=False, log=lambda s: None)  # a finished run: nothing to do
+    assert again == rows
 
 
 def test_training_is_deterministic(tmp_path):

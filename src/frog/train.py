@@ -242,6 +242,7 @@ def train(
     if comm is not None:
         comm.barrier()
 
+    diverged = False  # in the last epoch run here (resuming a finished run runs none)
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
         start = time.perf_counter()
