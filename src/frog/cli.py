@@ -148,7 +148,8 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     p.add_argument("--gradient", default=[d.gradient] if tune else d.gradient, help=f"of {', '.join(METHOD_NAMES)}",
                    **several)
     p.add_argument("--tangents", "-k", type=int, default=[d.tangents] if tune else d.tangents, **several)
-    p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers, autograd) or fd")
+    p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers by autograd, except with BatchNorm in "
+                   "train mode under activity perturbation) or fd")
     p.add_argument("--perturbation", default=d.perturbation, help="activity (as the paper) or weight")
     p.add_argument("--sampler", default=d.sampler, choices=list(TRAIN_SAMPLERS),
                    help="tangents: normal (default), rademacher, or with --perturbation weight the structured "
