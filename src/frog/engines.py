@@ -255,10 +255,11 @@ class SimEngine(Engine):
         for b, grad in zip(split.free, found, strict=False):
             grads[b] = grad
         jvps = jvps_from_gradients(plan, grads, value, rows)
+        packed = {b: plan.block(b, rows) for b in {record[0] for _, record in taps}}  # once per block, not per call
         for _, (b, site, x, grad) in taps:
             if grad is not None:
-                packed = plan.block(b, rows).to(grad.dtype)
-                jvps += site.inner(x, grad, packed, split.bases.get(b)).reshape(jvps.shape).to(jvps.dtype)
+                inner = site.inner(x, grad, packed[b].to(grad.dtype), split.bases.get(b))
+                jvps += inner.reshape(jvps.shape).to(jvps.dtype)
         return value.detach(), jvps
 
     def chained(self, losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor],

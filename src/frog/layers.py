@@ -154,29 +154,14 @@ class Site:
         """The output change along ``scale`` times the weight tangent stored in ``packed`` (r, m + n),
         whose right half holds V (no basis) or its coordinates rho in ``basis`` (n, d): shaped like the
         output, added to ``add_to`` when given (one fused pass for rank 1)."""
-        layout, module = self.layout, self.module
-        left = layout.left(packed) * scale if scale != 1.0 else layout.left(packed)  # (r, m)
-        right = packed[..., layout.m:]
-        if basis is not None:
-            right = right[..., : basis.shape[1]] @ basis.T
-        channel = None  # the output's channel dimension for a convolution, else the last
-        if isinstance(module, nn.Linear):
-            flat = x.reshape(-1, layout.n)
-            coefficients = (right @ flat.T).mT.reshape(*x.shape[:-1], layout.rank)  # (..., r); one matmul under vmap
-        elif isinstance(module, nn.Embedding):
-            coefficients = F.embedding(x, left.mT)  # (..., r): U^T[idx], which combine the right factors
-            if module.padding_idx is not None:
-                coefficients = coefficients * (x != module.padding_idx).unsqueeze(-1).to(coefficients.dtype)
-            left = right
+        left = self.layout.left(packed) * scale if scale != 1.0 else self.layout.left(packed)  # (r, m)
+        coefficients, rows, channel = self._expansion(x, left, self._right(packed, basis))
+        if channel is not None and add_to is not None:
+            add_to = add_to.movedim(channel, -1)
+        if self.layout.rank == 1:  # an outer product: broadcasting beats a matmul with inner size 1
+            change = coefficients * rows[0] if add_to is None else torch.addcmul(add_to, coefficients, rows[0])
         else:
-            channel = self._channel(x)
-            kernel = right.reshape(layout.rank, *layout.shape[1:])  # (r, in, *kernel)
-            coefficients = module._conv_forward(x, kernel, None).movedim(channel, -1)  # (B, *spatial, r)
-            add_to = None if add_to is None else add_to.movedim(channel, -1)
-        if layout.rank == 1:  # an outer product: broadcasting beats a matmul with inner size 1
-            change = coefficients * left[0] if add_to is None else torch.addcmul(add_to, coefficients, left[0])
-        else:
-            change = coefficients @ left if add_to is None else add_to + coefficients @ left
+            change = coefficients @ rows if add_to is None else add_to + coefficients @ rows
         return change if channel is None else change.movedim(-1, channel)
 
     def inner(self, x: torch.Tensor, grad_output: torch.Tensor, packed: torch.Tensor,
@@ -185,27 +170,42 @@ class Site:
         without forming the changes: sum over output positions of (grad . U_i)(input . V_i), (k,).
         With ``grad_output`` the gradient of a loss at this call's output, these are the call's
         share of the k jvps of the loss (O(rows (m + n) k r), no m x n product)."""
-        layout, module = self.layout, self.module
+        layout = self.layout
         k, kr = packed.shape[0], packed.shape[0] * layout.rank
         left = layout.left(packed).reshape(kr, layout.m)  # U^T / sqrt(r), rows of all tangents
-        right = packed[..., layout.m:]
-        if basis is not None:
-            right = right[..., : basis.shape[1]] @ basis.T
-        right = right.reshape(kr, layout.n)
+        right = self._right(packed, basis).reshape(kr, layout.n)
+        coefficients, rows, channel = self._expansion(x, left, right)  # (..., k r), (k r, features)
+        if channel is not None:
+            grad_output = grad_output.movedim(channel, -1)
+        along = grad_output.reshape(-1, rows.shape[-1]) @ rows.T  # (positions, k r): grad . the combined rows
+        return (coefficients.reshape(-1, kr) * along).sum(0).reshape(k, layout.rank).sum(1)
+
+    def _right(self, packed: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        """V^T (..., r, n) from the packed right half: V itself, or rho Q^T in ``basis`` Q (n, d)."""
+        right = packed[..., self.layout.m:]
+        return right if basis is None else right[..., : basis.shape[1]] @ basis.T
+
+    def _expansion(self, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """The output change along factor rows U^T ``left`` (R, m) and V^T ``right`` (R, n) as
+        sum over R of coefficients[..., R] * rows[R]: (coefficients (..., R), rows (R, features),
+        the output's channel dimension for a convolution (coefficients and rows have it last) or None).
+
+        Linear: coefficients x V, rows U^T; Embedding: U^T[idx] (zero at padding_idx), rows V^T;
+        Conv: conv(x, V_R) per output position, rows U^T."""
+        layout, module = self.layout, self.module
         if isinstance(module, nn.Linear):
-            coefficients = x.reshape(-1, layout.n) @ right.T  # (rows, k r): input . V
-            along = grad_output.reshape(-1, layout.m) @ left.T  # (rows, k r): grad . U
-        elif isinstance(module, nn.Embedding):
-            coefficients = F.embedding(x.reshape(-1), left.T)  # U[idx]
+            flat = x.reshape(-1, layout.n)
+            coefficients = (right @ flat.T).mT.reshape(*x.shape[:-1], right.shape[-2])  # one matmul under vmap
+            return coefficients, left, None
+        if isinstance(module, nn.Embedding):
+            coefficients = F.embedding(x, left.mT)  # (..., R)
             if module.padding_idx is not None:
-                coefficients = coefficients * (x.reshape(-1, 1) != module.padding_idx).to(coefficients.dtype)
-            along = grad_output.reshape(-1, layout.n) @ right.T  # grad . V
-        else:
-            channel = self._channel(x)
-            kernel = right.reshape(kr, *layout.shape[1:])
-            coefficients = module._conv_forward(x, kernel, None).movedim(channel, -1).reshape(-1, kr)
-            along = grad_output.movedim(channel, -1).reshape(-1, layout.m) @ left.T
-        return (coefficients * along).sum(0).reshape(k, layout.rank).sum(1)
+                coefficients = coefficients * (x != module.padding_idx).unsqueeze(-1).to(coefficients.dtype)
+            return coefficients, right, None
+        channel = self._channel(x)
+        kernel = right.reshape(right.shape[-2], *layout.shape[1:])  # (R, in, *kernel)
+        return module._conv_forward(x, kernel, None).movedim(channel, -1), left, channel
 
     def _channel(self, x: torch.Tensor) -> int:
         """A convolution's channel dimension: 1 for a batch (B, C, *spatial), 0 for one unbatched input."""
