@@ -231,6 +231,7 @@ def test_forward_engines_equal_sim_on_attention_modules(kind, perturbation, trai
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", [c for c in CASES if c not in ("dropout", "all")])
 def test_cuda_values_and_jvps(case):
