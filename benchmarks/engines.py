@@ -16,6 +16,11 @@ the jvp FLOPs over the step time minus generation + Gram), and a final JSON line
                                  [--perturbations weight activity]
                                  [--samplers normal lowrank input-span] [--rank 1]
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
+                                 [--no-fused-batchnorm]
+
+With --no-fused-batchnorm the forward-mode engines (jvp, loop) are also timed without frog's fused
+BatchNorm jvp rule (``frog.batchnorm.FUSED`` off: PyTorch's op-by-op jvp of train-mode BatchNorm), as
+extra columns ``jvp-unfused`` / ``loop-unfused`` beside the fused ones, for a before/after in one run.
 
 For the GPT, ResNet18 and ViT only times and ratios are printed (no FLOP model), engines jvp and
 sim by default.
@@ -34,12 +39,14 @@ import torch
 from torch import nn
 
 import frog
+import frog.batchnorm
 import frog.models
 
 LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 GPT_VOCAB = 96
 IMAGE_SHAPE, IMAGE_CLASSES = (1, 28, 28), 10  # Fashion-MNIST, for resnet18 and vit
 DEFAULT_BATCH = {"mlp": 64, "gpt": 32, "resnet18": 64, "vit": 64}
+UNFUSED = "-unfused"  # engine name suffix: that engine with PyTorch's BatchNorm jvp (frog.batchnorm.FUSED off)
 
 
 def make_gpt(device: str) -> nn.Module:
@@ -142,12 +149,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tangent-budget-mb", type=float, default=frog.engines.DEFAULT_TANGENT_BUDGET_MB,
                         help="ForwardGradient's tangent budget (a small one: tangents regenerated, not kept)")
+    parser.add_argument("--no-fused-batchnorm", action="store_true",
+                        help="also time jvp and loop without frog's fused BatchNorm jvp rule (columns ENGINE-unfused)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     flops = args.model == "mlp"  # the FLOP model and the tangent-generation share: the MLP only
     args.engines = args.engines or (["jvp", "loop", "sim", "fd"] if flops else ["jvp", "sim"])
+    if args.no_fused_batchnorm:  # each forward-mode engine, then itself without the fused rule
+        args.engines = [name for e in args.engines for name in ([e, e + UNFUSED] if e in ("jvp", "loop") else [e])]
     args.batch = args.batch or DEFAULT_BATCH[args.model]
     model, x, losses, model_name = workload(args.model, args.batch, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -157,14 +168,19 @@ def main() -> None:
         losses(model, "mean").backward()
         optimizer.step()
 
-    def engine_step(engine: str, k: int, perturbation: str, sampler: str):
+    def engine_step(name: str, k: int, perturbation: str, sampler: str):
         rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
+        engine, fused = name.removesuffix(UNFUSED), not name.endswith(UNFUSED)
         estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation,
                                          tangent_budget_mb=args.tangent_budget_mb, tangents=sampler, rank=rank)
         reduction = "none" if perturbation == "activity" else "mean"
 
         def step() -> None:
-            estimator.fill_grad(model, lambda m: losses(m, reduction))
+            frog.batchnorm.FUSED = fused
+            try:
+                estimator.fill_grad(model, lambda m: losses(m, reduction))
+            finally:
+                frog.batchnorm.FUSED = True
             optimizer.step()
 
         return step
@@ -192,7 +208,8 @@ def main() -> None:
           f"backprop {backprop * 1e3:.1f} ms; plain matmul {peak:.0f} GFLOP/s")
     extra = f"{'jvp/sim':>10}" if not flops else \
         f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}"
-    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>11}{'x bp':>7}" for e in args.engines) + extra)
+    widths = {e: max(11, len(e) + 4) for e in args.engines}
+    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>{widths[e]}}{'x bp':>7}" for e in args.engines) + extra)
     settings = [(p, s) for p in args.perturbations for s in (args.samplers if p == "weight" else ["normal"])]
     for perturbation, sampler in settings:
         label = perturbation if perturbation == "activity" else f"weight/{sampler}"
@@ -204,7 +221,7 @@ def main() -> None:
             row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
-            line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>11.1f}{t / backprop:>7.1f}" for t in times.values())
+            line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>{widths[e]}.1f}{t / backprop:>7.1f}" for e, t in times.items())
             if not flops and "jvp" in times and "sim" in times:
                 row["jvp_over_sim"] = times["jvp"] / times["sim"]
                 line += f"{row['jvp_over_sim']:>10.2f}"

@@ -36,6 +36,7 @@ from torch.func import jvp, vmap
 
 from . import layers
 from .attention import forward_mode_attention
+from .batchnorm import forward_mode_batch_norm
 from .errors import ForwardModeError
 from .layers import Users
 from .tangents import TangentPlan
@@ -86,6 +87,15 @@ def shaped_like(rows: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
 
 def _device(primals: dict[str, torch.Tensor]) -> torch.device:
     return next(iter(primals.values())).device
+
+
+@contextmanager
+def forward_mode_rules() -> Iterator[None]:
+    """frog's own forward-mode rules, routed while the ``jvp`` and ``loop`` engines run:
+    ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to :mod:`frog.attention`,
+    train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`."""
+    with forward_mode_attention(), forward_mode_batch_norm():
+        yield
 
 
 class Split:
@@ -190,7 +200,7 @@ class JvpEngine(Engine):
         parts = []
         for chunk in chunks:
             tangents = split.tangent_args(primals, plan, chunk)
-            with forward_mode_attention():  # attention with a jvp rule (F.scaled_dot_product_attention has none)
+            with forward_mode_rules():
                 values, jvps, bases = vmap(one_tangent, randomness="same")(*tangents)
             del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
             parts.append(jvps)
@@ -211,7 +221,7 @@ class LoopEngine(Engine):
         for i in range(plan.num_tangents) if rows is None else rows:
             replay.reset()
             free, markers = split.tangent_args(primals, plan, [i])
-            with forward_mode_attention():
+            with forward_mode_rules():
                 value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
                                                                   {b: t[0] for b, t in markers.items()}), has_aux=True)
             jvps.append(derivative)
