@@ -80,9 +80,10 @@ for s in $steps; do
     engines)
       step engines 120 "$py" benchmarks/engines.py --device $device --model mlp --ks "${ks[@]}" --repeats $repeats --batch $batch \
         --perturbations weight activity --samplers normal lowrank input-span
-      for model in resnet18 vit; do
-        step engines 120 "$py" benchmarks/engines.py --device $device --model $model --ks "${ks[@]}" --repeats $repeats --batch $batch \
-          --perturbations activity weight --samplers normal lowrank input-span --engines jvp sim
+      for model in resnet18 vit; do  # ResNet18: jvp with and without the fused BatchNorm rule
+        step engines 120 "$py" benchmarks/engines.py --device $device --model $model --ks "${ks[0]}" --repeats $repeats --batch $batch \
+          --perturbations activity weight --samplers normal lowrank input-span --engines jvp sim \
+          $([[ $model == resnet18 ]] && echo --no-fused-batchnorm)
       done
       step engines 60 "$py" benchmarks/engines.py --device $device --model gpt --ks "${ks[0]}" --repeats $repeats \
         --batch $((batch / 2)) --perturbations weight activity --samplers normal lowrank --engines jvp sim ;;
@@ -103,7 +104,7 @@ EOF
         done
       done ;;
     memory)
-      step memory 150 "$py" benchmarks/memory.py --device $device --engines jvp sim fd "${memory_sizes[@]}" ;;
+      step memory 150 "$py" benchmarks/memory.py --device $device --engines jvp sim "${memory_sizes[@]}" ;;
     *) echo "unknown step $s (tests engines table1 memory)" | tee -a "$out/summary.log" ;;
   esac
 done

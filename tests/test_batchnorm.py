@@ -337,6 +337,7 @@ def test_resnet18_activity_estimate_with_and_without_the_fused_rule(monkeypatch)
 
 
 # -- CUDA -------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", TANGENTS)
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
