@@ -37,6 +37,17 @@ ENGINES = ("jvp", "loop", "sim", "fd")
 TOL = {"jvp": 1e-9, "loop": 1e-9, "sim": 1e-9, "fd": 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def full_float32_convolutions():
+    """cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later: the same convolution in
+    two kernels (plain, and batched over tangents by vmap) then differs by ~1e-3. Off here, so that the
+    float32 comparisons check the math."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
 
