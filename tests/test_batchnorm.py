@@ -15,7 +15,7 @@ from torch.func import jvp, vmap
 
 import frog
 import frog.batchnorm
-from frog.batchnorm import batch_norm, forward_mode_batch_norm
+from frog.batchnorm import batch_norm, forward_mode_batch_norm, routed_batch_norm
 from frog.models import make_model
 
 F64 = torch.float64
@@ -220,11 +220,11 @@ def test_batched_input_with_unbatched_running_statistics_fails_as_in_pytorch():
 def test_context_routes_and_restores(monkeypatch):
     before = F.batch_norm
     with pytest.raises(RuntimeError, match="inside"), forward_mode_batch_norm():
-        assert F.batch_norm is batch_norm
+        assert F.batch_norm is routed_batch_norm
         with forward_mode_batch_norm():  # nested: still routed, no recursion
             x, weight, bias, _ = inputs(SHAPES["2d"])
             assert torch.equal(F.batch_norm(x, None, None, weight, bias, True), original(x, weight, bias))
-        assert F.batch_norm is batch_norm
+        assert F.batch_norm is routed_batch_norm
         raise RuntimeError("inside")
     assert F.batch_norm is before
     monkeypatch.setattr(frog.batchnorm, "FUSED", False)
@@ -242,6 +242,17 @@ def count_routed(monkeypatch) -> list:
 
     monkeypatch.setattr(frog.batchnorm, "batch_norm", spy)
     return calls
+
+
+def test_devices_outside_fused_devices_keep_pytorchs_batch_norm(monkeypatch):
+    calls = count_routed(monkeypatch)
+    x, weight, bias, _ = inputs(SHAPES["2d"])
+    with forward_mode_batch_norm():
+        F.batch_norm(x, None, None, weight, bias, True)
+        assert len(calls) == 1
+        monkeypatch.setattr(frog.batchnorm, "FUSED_DEVICES", ())  # as CUDA tensors are treated
+        assert torch.equal(F.batch_norm(x, None, None, weight, bias, True), original(x, weight, bias))
+        assert len(calls) == 1
 
 
 # -- the engines ------------------------------------------------------------------------------------
