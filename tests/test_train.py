@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -54,6 +55,59 @@ def test_activity_frog_with_k_equal_activity_dimension_is_backprop(engine):
         assert float(loss) == pytest.approx(float(nn.functional.cross_entropy(model(x), y)), rel=1e-12)
     tol = 1e-6 if engine == "fd" else 1e-10
     for g, t in zip(grads, true, strict=False):
+        torch.testing.assert_close(g, t, rtol=tol, atol=tol)
+
+
+def tiny_batchnorm_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(nn.Flatten(), nn.Linear(5, 3), nn.BatchNorm1d(3), nn.Tanh()),
+        nn.Sequential(nn.Linear(3, 3), nn.Tanh()),
+        nn.Linear(3, 2),
+    ).double().train()
+
+
+@pytest.mark.parametrize("engine", ["jvp", "loop", "sim", "fd"])
+def test_activity_with_train_mode_batchnorm_what_each_engine_estimates(engine):
+    """With batch statistics, l_i depends on every h_j. With k = activity dimension (8) frog is exact in
+    what its jvps measure: sim gives the backprop gradient, sum_i (dh_i/dW)^T sum_j dl_j/dh_i, while
+    forward mode (jvp, loop, fd: one tangent shared by the batch) gives sum_i (dh_i/dW)^T sum_j dl_i/dh_j,
+    the samples' coupling transposed, which is not the gradient. Both computed here by autograd."""
+    model = tiny_batchnorm_mlp()
+    x, y = torch.randn(6, 5, dtype=F64, generator=torch.Generator().manual_seed(4)), torch.tensor([0, 1, 1, 0, 1, 0])
+    reference = copy.deepcopy(model)
+    true = backprop_grads(reference, x, y)
+    # forward mode's target: u_i = d l_i / d s, s a shift of every block's output shared by the batch
+    shifts = [torch.zeros(f, dtype=F64, requires_grad=True) for f in (3, 3, 2)]
+    outputs = []
+
+    def shifted(block, shift):
+        def hook(module, args, output):
+            outputs.append(output)
+            return output + shift
+        return block.register_forward_hook(hook)
+
+    hooks = [shifted(b, s) for b, s in zip(reference, shifts, strict=True)]
+    losses = nn.functional.cross_entropy(reference(x), y, reduction="none")
+    for h in hooks:
+        h.remove()
+    rows = [torch.autograd.grad(losses[i], shifts, retain_graph=True) for i in range(6)]  # u_i per block
+    transposed = []
+    for b, (block, h) in enumerate(zip(reference, outputs, strict=True)):
+        u = torch.stack([r[b] for r in rows]) / 6  # (B, f_b), of the mean loss
+        transposed += torch.autograd.grad(h, list(block.parameters()), u, retain_graph=True)
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(transposed, true, strict=True)) > 0.05
+
+    fg = frog.ForwardGradient(8, "project", engine=engine, seed=3, perturbation="activity", scale_correction=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, grads = estimated_grads(model, fg, per_sample_ce(x, y))
+        estimated_grads(model, fg, per_sample_ce(x, y))  # warned once per estimator
+    coupled = [w for w in caught if "couples the samples" in str(w.message)]
+    assert len(coupled) == (0 if engine == "sim" else 1)
+    expected = true if engine == "sim" else transposed
+    tol = 1e-6 if engine == "fd" else 1e-10
+    for g, t in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, t, rtol=tol, atol=tol)
 
 

@@ -284,6 +284,19 @@ class ForwardGradient:
                           "one Linear or Conv layer that runs its own forward), so they get lowrank tangents",
                           stacklevel=4)
 
+    def _warn_coupled_samples(self, model: nn.Module) -> None:
+        """Warn once that forward-mode activity estimates of a model with batch-statistics BatchNorm are
+        not the gradient's (README, Engines: the samples' coupling comes out transposed)."""
+        coupled = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                   and (m.training or m.running_mean is None)]
+        if coupled and "coupled" not in self._warned:
+            self._warned.add("coupled")
+            warnings.warn(f"activity perturbation with engine={self.engine.name!r}: BatchNorm in train mode "
+                          f"({', '.join(coupled[:3])}{', ...' if len(coupled) > 3 else ''}) couples the samples "
+                          "of a batch, so forward-mode activity estimates are not estimates of the gradient; use "
+                          "engine='sim' (the paper's estimates), perturbation='weight', or BatchNorm in eval mode",
+                          stacklevel=4)
+
     # -- plain functions ---------------------------------------------------------------------
     def value_and_grad(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fn(x), estimate)`` for fn: Tensor (any shape) -> scalar; the estimate has x's shape."""
@@ -375,6 +388,8 @@ class ForwardGradient:
         a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
         (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
+        if not self.engine.single_pass:
+            self._warn_coupled_samples(model)
         # sim on a plain chain of blocks (an nn.Sequential of blocks only): the true activity gradients come
         # from the same pass, by chaining the block-local backward products from the loss to the first block
         chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
