@@ -166,6 +166,16 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> No
                          f"be a multiple of the key/value heads ({key.shape[-3]})")
 
 
+_original = F.scaled_dot_product_attention  # PyTorch's, captured at import (never a patched one)
+
+
+def frog_when_dropping(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the masks of :func:`scaled_dot_product_attention` where it
+    drops (``dropout_p > 0``), PyTorch's fused kernels where not (:mod:`frog.masks` routes to it)."""
+    attention = scaled_dot_product_attention if dropout_p > 0.0 else _original
+    return attention(query, key, value, attn_mask, dropout_p, *args, **kwargs)
+
+
 @contextmanager
 def forward_mode_attention() -> Iterator[None]:
     """Within the context, ``torch.nn.functional.scaled_dot_product_attention`` is

@@ -28,6 +28,7 @@ from .engines import (
 )
 from .errors import NonFiniteError
 from .layers import Users
+from .masks import same_masks
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")
@@ -336,10 +337,11 @@ class ForwardGradient:
         if not accumulate:  # replaced below: free the old gradients before the estimates are built
             for p in params.values():
                 p.grad = None
-        if self.perturbation == "activity":
-            value, estimates = self._activity_estimates(model, loss_fn, params)
-        else:
-            value, estimates = self._weight_estimates(model, loss_fn, params)
+        with same_masks():  # every pass of the step, whatever the engine, drops the same units
+            if self.perturbation == "activity":
+                value, estimates = self._activity_estimates(model, loss_fn, params)
+            else:
+                value, estimates = self._weight_estimates(model, loss_fn, params)
         comm = self.communicator
         if comm is not None and comm.mode == "data" and self.perturbation == "activity":
             estimates = {name: comm.all_reduce_mean(g) for name, g in estimates.items()}
