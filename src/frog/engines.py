@@ -39,6 +39,7 @@ from .attention import forward_mode_attention
 from .batchnorm import forward_mode_batch_norm
 from .errors import ForwardModeError
 from .layers import Users
+from .plain_kernels import forward_mode_kernels
 from .tangents import TangentPlan
 
 Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -93,8 +94,9 @@ def _device(primals: dict[str, torch.Tensor]) -> torch.device:
 def forward_mode_rules() -> Iterator[None]:
     """frog's own forward-mode rules, routed while the ``jvp`` and ``loop`` engines run:
     ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to :mod:`frog.attention`,
-    train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`."""
-    with forward_mode_attention(), forward_mode_batch_norm():
+    train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`, and the
+    fused kernels without jvp rules (oneDNN/cuDNN RNNs, weight norm, EmbeddingBag) to :mod:`frog.plain_kernels`."""
+    with forward_mode_attention(), forward_mode_batch_norm(), forward_mode_kernels():
         yield
 
 
