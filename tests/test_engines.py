@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -301,6 +302,42 @@ def test_batchnorm_running_stats_updated_exactly_once(engine):
     assert bn.training and bn.track_running_stats  # restored
 
 
+@pytest.mark.parametrize("perturbation", ["weight", "activity"])
+@pytest.mark.parametrize("engine", frog.ENGINES)
+def test_batchnorm_outside_the_model_updated_exactly_once(engine, perturbation):
+    """A GAN's generator step: the loss runs a discriminator (not the model) with BatchNorm in train mode.
+    Every engine gives sim's estimate, and the discriminator's statistics move once, as in one plain pass."""
+    torch.manual_seed(0)
+    generator = nn.Sequential(nn.Sequential(nn.Linear(3, 6), nn.Tanh()), nn.Linear(6, 4)).double()
+    discriminator = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).double().train()
+    z = torch.randn(8, 3, generator=gen(4), dtype=F64)
+    reduction = "none" if perturbation == "activity" else "mean"
+
+    def loss_fn(m, d):
+        return F.binary_cross_entropy_with_logits(d(m(z)).squeeze(1), torch.ones(8, dtype=F64), reduction=reduction)
+
+    def step(engine):
+        d = copy.deepcopy(discriminator)
+        m, _ = fill(generator, engine, lambda m: loss_fn(m, d), k=4, fd_step=1e-5, perturbation=perturbation)
+        return flat_grads(m), d[1]
+
+    reference, _ = step("sim")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, bn = step(engine)
+    tol = 1e-6 if engine == "fd" else 1e-10
+    if perturbation == "weight":
+        torch.testing.assert_close(got, reference, rtol=0, atol=tol * float(reference.norm()))
+    else:  # the discriminator's BatchNorm couples the samples: forward mode estimates something else, and says so
+        assert any("outside the model" in str(w.message) for w in caught) == (engine != "sim")
+    plain = copy.deepcopy(discriminator)
+    with torch.no_grad():
+        plain(generator(z))
+    assert int(bn.num_batches_tracked) == int(plain[1].num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, plain[1].running_mean, rtol=1e-14, atol=1e-16)
+    assert bn.track_running_stats  # restored
+
+
 @pytest.mark.parametrize("engine", frog.ENGINES)
 def test_batchnorm_eval_mode_stats_untouched(engine):
     model = make_cnn()
@@ -351,6 +388,19 @@ def test_missing_forward_rule_raises_forward_mode_error(engine):
     assert f"engine={engine!r}" in message
     assert "engine='sim'" in message and "engine='fd'" in message
     assert isinstance(info.value.__cause__, (RuntimeError, NotImplementedError))
+
+
+@pytest.mark.parametrize("engine", ["jvp", "loop"])
+def test_sparse_tensors_raise_forward_mode_error(engine):
+    """A graph convolution with a sparse adjacency matrix (torch.spmm), as in pytorch/examples' GCN."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    adjacency = torch.eye(4, dtype=F64).to_sparse()
+    x, y = torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(frog.ForwardModeError, match="sparse tensor"):
+        frog.ForwardGradient(2, engine=engine).fill_grad(layer, lambda m: F.cross_entropy(torch.spmm(adjacency, m(x)), y))
+    frog.ForwardGradient(2, engine="sim").fill_grad(layer, lambda m: F.cross_entropy(torch.spmm(adjacency, m(x)), y))
+    assert torch.isfinite(layer.weight.grad).all()
 
 
 @pytest.mark.parametrize("engine", ["sim", "fd"])

@@ -231,6 +231,24 @@ def test_activity_needs_per_sample_losses_and_blocks():
         frog.ForwardGradient(2, perturbation="neurons")
 
 
+def test_activity_needs_batch_first_outputs():
+    """A sequence-first LSTM language model (outputs (T, B, C)) with per-token losses (T * B,)."""
+    torch.manual_seed(0)
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.rnn, self.head = nn.Embedding(9, 4), nn.LSTM(4, 5), nn.Linear(5, 9)
+
+        def forward(self, idx):
+            return self.head(self.rnn(self.embed(idx))[0])
+
+    idx, targets = torch.randint(0, 9, (7, 3)), torch.randint(0, 9, (21,))
+    fg = frog.ForwardGradient(2, perturbation="activity")
+    with pytest.raises(ValueError, match=r"no block output starts with 21 \(outputs \(7, 3, 4\)"):
+        fg.fill_grad(SequenceFirst(), lambda m: nn.functional.cross_entropy(m(idx).view(-1, 9), targets, reduction="none"))
+
+
 def test_frog_trains_fc_on_digits_above_chance(tmp_path):
     config = TrainConfig(model="fc", width=256, dataset="digits", gradient="frog", tangents=16, lr=0.3,
                          batch_size=16, epochs=1)

@@ -398,4 +398,9 @@ def explained_forward_mode_errors(engine: str) -> Iterator[None]:
                 f"statistics, other than BatchNorm's, which frog handles); engine={engine!r} cannot "
                 f"trace that: put that module in eval mode or {fix}"
             ) from error
+        if "'Sparse" in message:  # "... with arguments from the 'SparseCPU' backend"
+            raise ForwardModeError(
+                "a sparse tensor takes part (torch.sparse, torch.spmm): PyTorch's forward mode does not support "
+                f"sparse tensors, so engine={engine!r} cannot run this model; make it dense (.to_dense()) or {fix}"
+            ) from error
         raise

@@ -47,18 +47,24 @@ class _LossOf(nn.Module):
 
 
 @contextmanager
-def _frozen_running_stats(model: nn.Module, freeze: bool) -> Iterator[list[nn.Module]]:
+def _frozen_running_stats(freeze: bool) -> Iterator[list[nn.Module]]:
     """Stop BatchNorm layers in train mode from updating running statistics (they still use batch
-    statistics); yields the frozen modules so the caller can update them once afterwards."""
-    frozen = []
-    if freeze:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
-                module.track_running_stats = False
-                frozen.append(module)
+    statistics); yields the frozen modules so the caller can update them once afterwards. Every
+    BatchNorm that runs within the context counts, also one outside the model that the loss function
+    calls (a GAN's discriminator in the generator's loss)."""
+    frozen: list[nn.Module] = []
+
+    def freeze_on_call(module: nn.Module, args) -> None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            frozen.append(module)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(freeze_on_call) if freeze else None
     try:
         yield frozen
     finally:
+        if handle is not None:
+            handle.remove()
         for module in frozen:
             module.track_running_stats = True
 
@@ -285,11 +291,13 @@ class ForwardGradient:
                           "one Linear or Conv layer that runs its own forward), so they get lowrank tangents",
                           stacklevel=4)
 
-    def _warn_coupled_samples(self, model: nn.Module) -> None:
-        """Warn once that forward-mode activity estimates of a model with batch-statistics BatchNorm are
-        not the gradient's (README, Engines: the samples' coupling comes out transposed)."""
-        coupled = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    def _warn_coupled_samples(self, model: nn.Module, ran: list[nn.Module]) -> None:
+        """Warn once that forward-mode activity estimates through batch-statistics BatchNorm (of the model,
+        or ``ran`` in the loss outside it) are not the gradient's (README, Engines: the coupling transposed)."""
+        names = {m: name for name, m in model.named_modules()}
+        coupled = [name for m, name in names.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    and (m.training or m.running_mean is None)]
+        coupled += [f"a {type(m).__name__} outside the model" for m in ran if m not in names]
         if coupled and "coupled" not in self._warned:
             self._warned.add("coupled")
             warnings.warn(f"activity perturbation with engine={self.engine.name!r}: BatchNorm in train mode "
@@ -359,7 +367,7 @@ class ForwardGradient:
             return functional_call(wrapper, {f"model.{n}": t for n, t in tensors.items()}, (), strict=False)
 
         users = self.weight_users(model, loss_fn, params) if self.tangents in STRUCTURED else None
-        with _frozen_running_stats(model, freeze=not self.engine.single_pass) as frozen:
+        with _frozen_running_stats(freeze=not self.engine.single_pass) as frozen:
             value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()}, users)
         if frozen:
             with torch.no_grad():
@@ -378,7 +386,7 @@ class ForwardGradient:
         if cached is None or cached[0] != key:
             candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
             replay = RngReplay(next(iter(params.values())).device)
-            with _frozen_running_stats(model, freeze=True), torch.no_grad():
+            with _frozen_running_stats(freeze=True), torch.no_grad():
                 users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
             replay.reset()
             cached = self._users[model] = (key, users)
@@ -390,8 +398,6 @@ class ForwardGradient:
         a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
         (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
-        if not self.engine.single_pass:
-            self._warn_coupled_samples(model)
         # sim on a plain chain of blocks (an nn.Sequential of blocks only): the true activity gradients come
         # from the same pass, by chaining the block-local backward products from the loss to the first block
         chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
@@ -402,6 +408,12 @@ class ForwardGradient:
         check_local([losses], outputs, parameter_names, "after the last block")
         batch = losses.shape[0]
         shared = [shared_by_batch(h, batch) for h in outputs]
+        if all(shared):
+            shapes = ", ".join(str(tuple(h.shape)) for h in outputs[:4]) + (", ..." if len(outputs) > 4 else "")
+            raise ValueError(f"with perturbation='activity' the per-sample losses ({batch},) must share their leading "
+                             f"size, the batch, with the blocks' outputs, but no block output starts with {batch} "
+                             f"(outputs {shapes}); return per-sample losses (B,) or (B, ...) of a batch-first model, "
+                             "or use perturbation='weight'")
         features = [h.shape if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
         plan = self.plan(features, outputs[0])
         comm = self.communicator
@@ -421,8 +433,10 @@ class ForwardGradient:
                      enumerate(zip(outputs, features, strict=True))}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
             replay.reset()
-            with _frozen_running_stats(model, freeze=True), torch.no_grad():
+            with _frozen_running_stats(freeze=True) as ran, torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
+            if not per_sample:
+                self._warn_coupled_samples(model, ran)
         scale = 1.0 / batch  # the loss is the mean of the per-sample losses
         output_grads = []
         for b, h in enumerate(outputs):
