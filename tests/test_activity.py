@@ -57,6 +57,36 @@ class TinyLM(nn.Module):
         return logits, loss
 
 
+class Output(dict):
+    """A dict-like output whose first value is the hidden state, like Hugging Face's ModelOutput."""
+
+
+class MappingLayer(Layer):
+    def forward(self, x, mask, *, gain=1.0):
+        hidden, mask = super().forward(x, mask, gain=gain)
+        return Output(hidden_states=hidden, mask=mask)
+
+
+class MappingLM(TinyLM):
+    """TinyLM written as Hugging Face models are: a position embedding of shape (1, T, C) (broadcast over
+    the batch) and layers returning a mapping whose first value is the hidden state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MappingLayer(DIM) for _ in range(2))
+
+    def forward(self, idx, targets=None):
+        t = idx.shape[1]
+        x = self.token(idx) + self.position(torch.arange(t).unsqueeze(0))  # (B, T, C) + (1, T, C)
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+        for layer in self.layers:
+            out = layer(x, mask, gain=0.5)
+            x, mask = out["hidden_states"], out["mask"]
+        logits = self.head(x)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
 def data(batch=3):
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (batch, CONTEXT), generator=g), torch.randint(0, VOCAB, (batch, CONTEXT), generator=g)
@@ -98,12 +128,14 @@ def test_describe_blocks_of_a_language_model():
     assert "(Embedding, 20 parameters)" in lines[1]
 
 
+@pytest.mark.parametrize("language_model", [TinyLM, MappingLM])
 @pytest.mark.parametrize("engine", ["jvp", "loop", "sim", "fd"])
-def test_k_equals_n_basis_tangents_give_the_exact_gradient(engine):
-    """Embeddings of integer inputs, an output without batch dimension, tied weights, a model
-    returning (logits, loss), blocks with extra arguments returning tuples, per-token losses."""
+def test_k_equals_n_basis_tangents_give_the_exact_gradient(engine, language_model):
+    """Embeddings of integer inputs, an output without batch dimension ((T, C), or (1, T, C) broadcast
+    over the batch), tied weights, a model returning (logits, loss), blocks with extra arguments
+    returning tuples or mappings, per-token losses."""
     torch.manual_seed(0)
-    model = TinyLM().double()
+    model = language_model().double()
     idx, targets = data()
     n = 3 * CONTEXT * DIM + CONTEXT * DIM + CONTEXT * VOCAB  # token, 2 layers, head: (T, C) per sample; position: (T, C) shared
     assert activity_size(model, idx) == n

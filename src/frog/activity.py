@@ -32,7 +32,8 @@ B (a position embedding (T, C) with T = B) is taken for a per-sample one, so kee
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -148,10 +149,25 @@ def describe_blocks(model: nn.Module, blocks: Sequence[nn.Module] | None = None)
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor a block's output carries its tangent on: the output, or a tuple's first element."""
+    """The tensor a block's output carries its tangent on: the output, a tuple's first element, or a
+    mapping's first value (a Hugging Face ``ModelOutput``'s ``last_hidden_state``)."""
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
+    elif isinstance(output, Mapping) and output:
+        output = next(iter(output.values()))
     return output if isinstance(output, torch.Tensor) else None
+
+
+def with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with :func:`first_tensor` replaced by ``tensor`` (same type: tuple, named tuple, list,
+    dict or ``ModelOutput``)."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, (tuple, list)):
+        return _rebuilt(output, [tensor, *output[1:]])
+    rebuilt = copy.copy(output)  # a mapping: a dict, an OrderedDict or a dataclass-like ModelOutput
+    rebuilt[next(iter(output))] = tensor
+    return rebuilt
 
 
 def _detached(value: Any, first: list[torch.Tensor], requires_grad: bool) -> Any:
@@ -261,9 +277,7 @@ def perturbed(blocks: Sequence[nn.Module], perturbations: Sequence[torch.Tensor]
 
     def add(index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if isinstance(output, torch.Tensor):
-                return output + perturbations[index]
-            return _rebuilt(output, [output[0] + perturbations[index], *output[1:]])
+            return with_first_tensor(output, first_tensor(output) + perturbations[index])
         return hook
 
     handles = [block.register_forward_hook(add(i)) for i, block in enumerate(blocks)]
@@ -276,8 +290,14 @@ def perturbed(blocks: Sequence[nn.Module], perturbations: Sequence[torch.Tensor]
 
 def shared_by_batch(output: torch.Tensor, batch_size: int) -> bool:
     """Whether a block output has no batch dimension (its leading size is not the batch size B):
-    one value for all samples, broadcast over the batch, like a position embedding (T, C)."""
+    one value for all samples, broadcast over the batch, like a position embedding (T, C) or (1, T, C)."""
     return output.dim() == 0 or output.shape[0] != batch_size
+
+
+def shared_features(output: torch.Tensor) -> torch.Size:
+    """The shape of the tangent of an output without batch dimension: its shape, less a leading 1 that
+    broadcasts over the batch ((1, T, C) -> (T, C), so that per-sample positions (B, T, C) fit it)."""
+    return output.shape[1:] if output.dim() > 1 and output.shape[0] == 1 else output.shape
 
 
 def check_output(name: str, output: Any) -> torch.Tensor:

@@ -13,7 +13,15 @@ from torch import nn
 from torch.func import functional_call
 
 from . import layers
-from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch
+from .activity import (
+    block_labels,
+    blocks_of,
+    check_local,
+    local_graphs,
+    perturbed,
+    shared_by_batch,
+    shared_features,
+)
 from .aggregation import check_method, coefficients, scale_correction
 from .distributed import Communicator
 from .engines import (
@@ -414,7 +422,7 @@ class ForwardGradient:
                              f"size, the batch, with the blocks' outputs, but no block output starts with {batch} "
                              f"(outputs {shapes}); return per-sample losses (B,) or (B, ...) of a batch-first model, "
                              "or use perturbation='weight'")
-        features = [h.shape if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
+        features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
         plan = self.plan(features, outputs[0])
         comm = self.communicator
         if chained_sim:
@@ -441,7 +449,7 @@ class ForwardGradient:
         output_grads = []
         for b, h in enumerate(outputs):
             grad = plan.estimate(b, coeffs * scale).movedim(-1, 0).to(h.dtype)  # (B, *features)
-            output_grads.append(grad.sum(0) if shared[b] else grad)
+            output_grads.append(grad.sum(0).reshape(h.shape) if shared[b] else grad)
         names = list(params)
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
