@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+import frog
 from frog.distributed import Communicator, DistributedError
 from frog.train import TrainConfig, train
 
@@ -26,6 +28,29 @@ SCENARIOS = {
     "data-activity": ({"gradient": "frog", "perturbation": "activity"}, "data"),
     "data-bp": ({"gradient": "bp"}, "data"),
 }
+
+
+DDP_BATCH = 12
+DDP_RUNS = {"weight-jvp": {"engine": "jvp"}, "weight-sim": {"engine": "sim"},
+            "activity-jvp": {"engine": "jvp", "perturbation": "activity"}}
+
+
+def ddp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def ddp_steps(model: torch.nn.Module, options: dict, shard: slice) -> None:
+    """Three steps of fill_grad + SGD on this shard of a fixed batch, as a DDP training loop would run."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(DDP_BATCH, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (DDP_BATCH,), generator=g)
+    reduction = "none" if options.get("perturbation") == "activity" else "mean"
+    estimator = frog.ForwardGradient(4, seed=3, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        estimator.fill_grad(model, lambda m: F.cross_entropy(m(x[shard]), y[shard], reduction=reduction))
+        optimizer.step()
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, task: str) -> None:
@@ -50,6 +75,12 @@ def _worker(rank: int, world: int, init_file: str, out: str, task: str) -> None:
             dist.barrier()
             train(config, folder, resume=True, progress=False, log=lambda s: None, communicator=Communicator("tangent"))
             train(config, Path(out) / "straight", progress=False, log=lambda s: None, communicator=Communicator("tangent"))
+        elif task == "ddp":
+            for name, options in DDP_RUNS.items():
+                model = torch.nn.parallel.DistributedDataParallel(ddp_model())
+                shard = slice(rank * DDP_BATCH // world, (rank + 1) * DDP_BATCH // world)
+                ddp_steps(model, options, shard)
+                torch.save(model.module.state_dict(), Path(out) / f"ddp-{name}-{rank}.pt")
         elif task == "mismatch":
             train(TrainConfig(**{**CONFIG, "seed": rank}, gradient="frog"), Path(out) / "mismatch", progress=False,
                   log=lambda s: None, communicator=Communicator("tangent"))
@@ -103,6 +134,20 @@ def test_distributed_resume_equals_uninterrupted(tmp_path):
         (tmp_path / "straight" / "metrics.csv").read_text())
     for key, value in _parameters(tmp_path / "straight").items():
         assert torch.equal(_parameters(tmp_path / "resumed")[key], value), key
+
+
+def test_ddp_wrapped_models_take_the_full_batch_step_on_every_rank(tmp_path):
+    """A training loop with DistributedDataParallel, unchanged but for fill_grad: each rank holds half the
+    batch, and every replica ends with the parameters of one process trained on the whole batch."""
+    results = _run(tmp_path, "ddp")
+    assert all(r["ok"] for r in results), results
+    for name, options in DDP_RUNS.items():
+        single = ddp_model()
+        ddp_steps(single, options, slice(None))
+        for rank in range(2):
+            replica = torch.load(tmp_path / f"ddp-{name}-{rank}.pt", weights_only=True)
+            for key, value in single.state_dict().items():
+                torch.testing.assert_close(replica[key], value, rtol=1e-10, atol=1e-12, msg=f"{name} rank {rank}: {key}")
 
 
 def test_ranks_with_different_seeds_are_detected(tmp_path):

@@ -77,6 +77,22 @@ def _frozen_running_stats(freeze: bool) -> Iterator[list[nn.Module]]:
             module.track_running_stats = True
 
 
+def _replicas(model: nn.Module) -> tuple[nn.Module, Communicator | None]:
+    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (frog runs its passes on
+    it, not through the wrapper), and for DDP over several ranks a data-mode communicator over DDP's
+    process group with equal shards: the ranks average their jvps (weight perturbation, k numbers) or
+    estimates (activity), so every replica takes the same step, as DDP averages gradients."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        if torch.distributed.get_world_size(model.process_group) == 1:
+            return model.module, None
+        communicator = Communicator("data", model.process_group)
+        communicator.shard_weight = 1.0 / communicator.world
+        return model.module, communicator
+    if isinstance(model, nn.DataParallel):
+        return model.module, None
+    return model, None
+
+
 class ForwardGradient:
     r"""Multi-tangent forward-gradient estimator.
 
@@ -347,6 +363,13 @@ class ForwardGradient:
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model, replicas = _replicas(model)
+        if replicas is not None and self.communicator is None:  # DDP over several ranks: average as DDP does
+            self.communicator = replicas
+            try:
+                return self.fill_grad(model, loss_fn, accumulate=accumulate)
+            finally:
+                self.communicator = None
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no parameters with requires_grad=True")
