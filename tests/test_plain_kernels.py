@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 
 import frog
-from frog.plain_kernels import RECURRENT, embedding_bag, forward_mode_kernels, weight_norm
+from frog.plain_kernels import RECURRENT, ctc_loss, embedding_bag, forward_mode_kernels, weight_norm
 
 F64 = torch.float64
 
@@ -54,15 +54,52 @@ def test_weight_norm_formula(dim):
     torch.testing.assert_close(weight_norm(v, g, dim), torch._weight_norm(v, g, dim))
 
 
+def ctc_inputs():
+    g = torch.Generator().manual_seed(2)
+    log_probs = torch.randn(12, 3, 5, dtype=F64, generator=g).log_softmax(-1)  # (T, B, C), 0 the blank
+    targets = torch.randint(1, 5, (3, 4), generator=g)
+    return log_probs, targets, torch.tensor([12, 10, 11]), torch.tensor([4, 2, 3])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_ctc_loss_values_and_jvp(reduction):
+    """Values equal F.ctc_loss's; the jvp equals PyTorch's reverse-mode derivative of F.ctc_loss
+    contracted with the tangent (for log_probs that are log_softmax outputs, as ctc_loss requires)."""
+    log_probs, targets, input_lengths, target_lengths = ctc_inputs()
+    ours = lambda x: ctc_loss(x, targets, input_lengths, target_lengths, reduction=reduction)
+    theirs = lambda x: F.ctc_loss(x, targets, input_lengths, target_lengths, reduction=reduction)
+    torch.testing.assert_close(ours(log_probs), theirs(log_probs), rtol=1e-14, atol=0)
+    tangents = torch.randn(4, *log_probs.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    jvps = torch.func.vmap(lambda t: torch.func.jvp(ours, (log_probs,), (t,))[1])(tangents)
+    jacobian = torch.func.jacrev(theirs)(log_probs)  # (*loss shape, T, B, C)
+    expected = torch.stack([(jacobian * t).flatten(jacobian.dim() - 3).sum(-1) for t in tangents])
+    torch.testing.assert_close(jvps, expected, rtol=1e-10, atol=1e-12)
+    x = log_probs.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(ours(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(theirs(x).sum(), x)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_ctc_loss_list_lengths_unbatched_and_zero_infinity():
+    log_probs, targets, _, _ = ctc_inputs()
+    torch.testing.assert_close(ctc_loss(log_probs, targets, [12, 10, 11], [4, 2, 3]),
+                               F.ctc_loss(log_probs, targets, [12, 10, 11], [4, 2, 3]))
+    torch.testing.assert_close(ctc_loss(log_probs[:, 0], targets[0], [12], [4], reduction="none"),
+                               F.ctc_loss(log_probs[:, 0], targets[0], [12], [4], reduction="none"))
+    impossible = [1, 10, 11]  # 1 frame for 4 labels: infinite loss
+    torch.testing.assert_close(ctc_loss(log_probs, targets, impossible, [4, 2, 3], zero_infinity=True),
+                               F.ctc_loss(log_probs, targets, impossible, [4, 2, 3], zero_infinity=True))
+
+
 def test_context_restores_everything():
     mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
-    before = torch._weight_norm, F.embedding_bag
+    before = torch._weight_norm, F.embedding_bag, F.ctc_loss
     with pytest.raises(RuntimeError, match="inside"), forward_mode_kernels():
         with forward_mode_kernels():  # nested
             assert F.embedding_bag is embedding_bag
         assert torch._weight_norm is weight_norm and all(name in vars(_VF) for name in RECURRENT)
         raise RuntimeError("inside")
-    assert (torch._weight_norm, F.embedding_bag) == before and not any(name in vars(_VF) for name in RECURRENT)
+    assert (torch._weight_norm, F.embedding_bag, F.ctc_loss) == before
+    assert not any(name in vars(_VF) for name in RECURRENT)
     assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled) == (mkldnn, cudnn)
 
 
@@ -87,8 +124,22 @@ class Bag(nn.Module):
         return self.head(torch.tanh(self.bag(idx)))
 
 
+class Speech(nn.Module):
+    """Frames (B, T, 4) -> Conv1d -> GRU -> per-frame log-probabilities (T, B, C), for a CTC loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, padding=1)
+        self.rnn = nn.GRU(6, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, frames):
+        h = torch.relu(self.conv(frames.transpose(1, 2))).transpose(1, 2)
+        return self.head(self.rnn(h)[0]).log_softmax(-1).transpose(0, 1)
+
+
 MODELS = {"lstm": (lambda: Recurrent("lstm"), torch.float32), "gru": (lambda: Recurrent("gru"), F64),
-          "embedding bag + weight norm": (Bag, F64)}
+          "embedding bag + weight norm": (Bag, F64), "ctc": (Speech, F64)}
 
 
 @pytest.mark.parametrize("perturbation", ["weight", "activity"])
@@ -98,12 +149,18 @@ def test_forward_mode_engines_equal_sim(name, perturbation):
     torch.manual_seed(0)
     model = build().to(dtype)
     idx, y = torch.randint(0, 12, (5, 7)), torch.arange(5) % 3
+    frames, labels = torch.randn(5, 7, 4, dtype=dtype), torch.randint(1, 3, (5, 3))
     reduction = "none" if perturbation == "activity" else "mean"
+
+    def loss_fn(m):
+        if name == "ctc":
+            return F.ctc_loss(m(frames), labels, [7] * 5, [3, 2, 3, 1, 2], reduction=reduction)
+        return F.cross_entropy(m(idx), y, reduction=reduction)
+
     estimates = {}
     for engine in ("sim", "jvp", "loop"):
         m = copy.deepcopy(model)
-        frog.ForwardGradient(4, engine=engine, seed=1, perturbation=perturbation).fill_grad(
-            m, lambda m: F.cross_entropy(m(idx), y, reduction=reduction))
+        frog.ForwardGradient(4, engine=engine, seed=1, perturbation=perturbation).fill_grad(m, loss_fn)
         estimates[engine] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for engine in ("jvp", "loop"):

@@ -12,6 +12,10 @@ which the ``jvp`` and ``loop`` engines enter, these layers work unchanged:
   lookup and a per-bag sum (``index_add``), with ``offsets``, ``per_sample_weights``,
   ``include_last_offset`` and ``padding_idx``. Mode ``max`` keeps PyTorch's kernel.
 
+- ``F.ctc_loss``: PyTorch has no jvp rule for it. Each sample's loss is a scalar, so its jvp is the
+  inner product of the tangent with the loss's gradient, which PyTorch's CTC backward kernel computes
+  (alpha-beta recursion, one call for all k tangents).
+
 The values are those of the fused kernels up to rounding (tests). Code that calls these functions
 through their modules is routed (``torch._weight_norm``, ``F.embedding_bag``, the recurrent layers'
 ``torch._VF``); not thread-safe (it patches modules).
@@ -29,6 +33,7 @@ from torch import _VF
 RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the torch._VF functions of nn.LSTM, nn.GRU and nn.RNN
 
 _original_embedding_bag = F.embedding_bag  # PyTorch's, captured at import
+_original_ctc_loss = F.ctc_loss
 
 
 def _without_fused_backends(recurrent: Callable) -> Callable:
@@ -84,6 +89,61 @@ def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
     return total / counts.clamp_min(1).unsqueeze(1)
 
 
+class _CTCLoss(torch.autograd.Function):
+    """Per-sample CTC negative log-likelihoods (B,) of log_probs (T, B, C), with the jvp
+    sum_{t, c} dL_b/dlogp[t, b, c] * dlogp[t, b, c] from PyTorch's CTC gradient kernel."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(log_probs, targets, input_lengths, target_lengths, blank: int, zero_infinity: bool):
+        return torch.ops.aten._ctc_loss.Tensor(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        log_probs, targets, input_lengths, target_lengths, blank, zero_infinity = inputs
+        nll, log_alpha = output
+        ctx.mark_non_differentiable(log_alpha)
+        ctx.blank, ctx.zero_infinity = blank, zero_infinity
+        ctx.save_for_forward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
+        ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, nll, log_alpha)
+
+    @staticmethod
+    def _gradient(ctx, grad_nll: torch.Tensor) -> torch.Tensor:
+        log_probs, targets, input_lengths, target_lengths, nll, log_alpha = ctx.saved_tensors
+        return torch.ops.aten._ctc_loss_backward.Tensor(grad_nll, log_probs, targets, input_lengths, target_lengths,
+                                                        nll, log_alpha, ctx.blank, ctx.zero_infinity)
+
+    @staticmethod
+    def jvp(ctx, d_log_probs, *_):
+        nll = ctx.saved_tensors[4]
+        return (_CTCLoss._gradient(ctx, torch.ones_like(nll)) * d_log_probs).sum((0, 2)), None
+
+    @staticmethod
+    def backward(ctx, grad_nll, _grad_alpha):
+        return _CTCLoss._gradient(ctx, grad_nll), None, None, None, None, None
+
+
+def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths, target_lengths, blank: int = 0,
+             reduction: str = "mean", zero_infinity: bool = False) -> torch.Tensor:
+    """``F.ctc_loss`` with a forward-mode rule; same arguments. log_probs (T, B, C) or (T, C); targets
+    (B, S) padded or concatenated; lengths as tensors or sequences of ints. Reductions as PyTorch's:
+    'mean' divides each sample's loss by its target length (at least 1), then averages."""
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs, targets = log_probs.unsqueeze(1), targets.unsqueeze(0)
+    as_lengths = lambda lengths: torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+    input_lengths, target_lengths = as_lengths(input_lengths), as_lengths(target_lengths)
+    nll = _CTCLoss.apply(log_probs, targets, input_lengths, target_lengths, blank, zero_infinity)[0]
+    if zero_infinity:
+        nll = torch.where(nll == torch.inf, torch.zeros((), dtype=nll.dtype, device=nll.device), nll)
+    if reduction == "mean":
+        return (nll / target_lengths.to(nll.device, nll.dtype).clamp_min(1)).mean()
+    if reduction == "sum":
+        return nll.sum()
+    return nll[0] if unbatched else nll
+
+
 @contextmanager
 def _patched(owner, name: str, replacement) -> Iterator[None]:
     """owner.name = replacement within the context (restored as it was, also when nested)."""
@@ -106,4 +166,5 @@ def forward_mode_kernels() -> Iterator[None]:
             stack.enter_context(_patched(_VF, name, _without_fused_backends(getattr(_VF, name))))
         stack.enter_context(_patched(torch, "_weight_norm", weight_norm))
         stack.enter_context(_patched(F, "embedding_bag", embedding_bag))
+        stack.enter_context(_patched(F, "ctc_loss", ctc_loss))
         yield
