@@ -11,14 +11,13 @@ which the ``jvp`` and ``loop`` engines enter, these layers work unchanged:
 - ``nn.EmbeddingBag`` / ``F.embedding_bag`` with mode ``sum`` or ``mean``: it becomes an embedding
   lookup and a per-bag sum (``index_add``), with ``offsets``, ``per_sample_weights``,
   ``include_last_offset`` and ``padding_idx``. Mode ``max`` keeps PyTorch's kernel.
-
 - ``F.ctc_loss``: PyTorch has no jvp rule for it. Each sample's loss is a scalar, so its jvp is the
   inner product of the tangent with the loss's gradient, which PyTorch's CTC backward kernel computes
   (alpha-beta recursion, one call for all k tangents).
 
 The values are those of the fused kernels up to rounding (tests). Code that calls these functions
-through their modules is routed (``torch._weight_norm``, ``F.embedding_bag``, the recurrent layers'
-``torch._VF``); not thread-safe (it patches modules).
+through their modules is routed (``torch._weight_norm``, ``F.embedding_bag``, ``F.ctc_loss``, the
+recurrent layers' ``torch._VF``); not thread-safe (it patches modules).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from torch import _VF
 RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the torch._VF functions of nn.LSTM, nn.GRU and nn.RNN
 
 _original_embedding_bag = F.embedding_bag  # PyTorch's, captured at import
-_original_ctc_loss = F.ctc_loss
 
 
 def _without_fused_backends(recurrent: Callable) -> Callable:
