@@ -231,6 +231,22 @@ class Twice(nn.Module):
         return self.layer(self.layer(x))
 
 
+class CellLoop(nn.Module):
+    """An LSTMCell stepped through a sequence (pytorch/examples' time_sequence_prediction): the second
+    call's input (the cell state) comes from the first, so the repeated call is what to report."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(1, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t:t + 1], state)
+        return self.head(state[0])
+
+
 class Labels(nn.Module):
     def __init__(self):
         super().__init__()
@@ -272,6 +288,7 @@ class LabelBlock(nn.Module):
 
 @pytest.mark.parametrize("model,message", [
     (Twice(), r"block 'layer' ran twice"),
+    (CellLoop(), r"block 'cell' ran twice"),
     (Unused(), r"block 'spare' did not run"),
     (OwnParameter(), r"parameters scale belong to the model itself"),
     (LabelBlock(), r"block 'inner' must return a floating-point tensor"),

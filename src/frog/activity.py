@@ -229,8 +229,12 @@ def local_graphs(
     runs = [0] * len(blocks)
 
     def detach_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        index = index_of[id(module)]
+        if runs[index]:  # before check_local: a second call's inputs come from the first (an RNN cell in a loop)
+            raise ValueError(f"{names[index]} ran twice in one forward pass; every block must run exactly "
+                             "once: pass blocks=[...] without it, or a module that contains both calls")
         if parameters:
-            check_local(_tensors((args, kwargs)), outputs, parameters, f"in the input of {names[index_of[id(module)]]}")
+            check_local(_tensors((args, kwargs)), outputs, parameters, f"in the input of {names[index]}")
         first: list[torch.Tensor] = []
         args, kwargs = _detached(args, first, inputs_require_grad), _detached(kwargs, first, inputs_require_grad)
         inputs.append(first[0] if first else torch.empty(0))
@@ -239,9 +243,6 @@ def local_graphs(
     def record(index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             runs[index] += 1
-            if runs[index] > 1:
-                raise ValueError(f"{names[index]} ran twice in one forward pass; every block must run exactly "
-                                 "once: pass blocks=[...] without it, or a module that contains both calls")
             outputs.append(check_output(names[index], output))
         return hook
 
