@@ -11,6 +11,7 @@ them on a GPU machine.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -154,6 +155,36 @@ def test_table1_networks_fill_grad_under_sim_and_jvp(name, perturbation):
         estimates[engine] = grads
     if perturbation == "weight" or name == "vit":
         assert rel_err(estimates["jvp"], estimates["sim"]) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "embedding bag + weight norm", "ctc", "transformer with dropout"])
+def test_forward_mode_engines_equal_sim_through_frogs_kernels(name):
+    """The layers that frog.plain_kernels and frog.masks handle (cuDNN's RNNs, EmbeddingBag, weight norm,
+    CTC, dropout in every pass), on the device: jvp and loop give sim's estimate."""
+    from test_masks import Encoder
+    from test_plain_kernels import MODELS as KERNEL_MODELS
+
+    torch.manual_seed(0)
+    if name == "transformer with dropout":
+        model = Encoder(0.2).to(DEVICE, F64)
+        idx, y = torch.randint(0, 20, (6, 5), device=DEVICE), (torch.arange(6) % 3).to(DEVICE)
+        loss_fn = lambda m: F.cross_entropy(m(idx), y)
+    else:
+        build, dtype = KERNEL_MODELS[name]
+        model = build().to(DEVICE, dtype)
+        idx, y = torch.randint(0, 12, (5, 7), device=DEVICE), (torch.arange(5) % 3).to(DEVICE)
+        frames, labels = torch.randn(5, 7, 4, dtype=dtype, device=DEVICE), torch.randint(1, 3, (5, 3), device=DEVICE)
+        loss_fn = (lambda m: F.ctc_loss(m(frames), labels, [7] * 5, [3, 2, 3, 1, 2])) if name == "ctc" \
+            else (lambda m: F.cross_entropy(m(idx), y))
+    estimates = {}
+    for engine in ("sim", "jvp", "loop"):
+        m = copy.deepcopy(model)
+        torch.manual_seed(7)  # the dropout masks
+        frog.ForwardGradient(4, engine=engine, seed=1).fill_grad(m, loss_fn)
+        estimates[engine] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    tol = 1e-5 if name == "lstm" else 1e-9  # the LSTM runs in float32
+    for engine in ("jvp", "loop"):
+        assert rel_err(estimates[engine], estimates["sim"]) < tol, engine
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
