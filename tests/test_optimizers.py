@@ -77,3 +77,40 @@ def test_default_estimate_has_the_gradients_expected_length():
         fg = frog.ForwardGradient(k, seed=2, scale_correction=correction)
         ratios = torch.tensor([float(fg.grad(fn, x).norm() / g.norm()) for _ in range(100)])
         assert abs(ratios.mean().item() / expected - 1) < 0.05  # one draw: relative sd 1 / sqrt(2k) = 0.18
+
+
+def test_same_tangents_holds_the_tangents_for_one_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def estimate(fg):
+        fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y))
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    fg = frog.ForwardGradient(4, seed=1)
+    with fg.same_tangents():
+        first, second = estimate(fg), estimate(fg)
+        with pytest.raises(RuntimeError, match="already active"), fg.same_tangents():
+            pass
+    assert torch.equal(first, second) and fg.step == 1
+    assert not torch.equal(estimate(fg), first) and fg.step == 2  # the counter moved on by one
+    assert torch.equal(estimate(frog.ForwardGradient(4, seed=1)), first)  # the tangents of call 0
+
+
+def test_lbfgs_with_held_tangents_and_a_line_search_lowers_the_loss():
+    """torch.optim.LBFGS evaluates its closure several times a step. With the tangents held for the step
+    and a strong-Wolfe line search, it lowers the training loss."""
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():
+        initial = float(F.cross_entropy(model(x), y))
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=5, line_search_fn="strong_wolfe")
+    fg = frog.ForwardGradient(16, scale_correction=False)
+    for _ in range(10):
+        with fg.same_tangents():
+            optimizer.step(lambda: fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y)))
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(x), y)) < 0.9 * initial

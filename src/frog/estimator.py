@@ -198,6 +198,7 @@ class ForwardGradient:
         # model -> (its parameters' ids, the known modules using each weight), checked on first use
         self._users: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Users]] = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
+        self._held = False  # within same_tangents(): the call counter stays put
 
     def __repr__(self) -> str:
         return (
@@ -213,6 +214,25 @@ class ForwardGradient:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+    @contextmanager
+    def same_tangents(self) -> Iterator[None]:
+        """Within the context every call draws the same tangents, those of the next call (the counter
+        moves on by one at the end). For optimizers that evaluate the loss several times in one step,
+        such as ``torch.optim.LBFGS``'s closure or a line search: with new tangents at each evaluation,
+        they compare estimates from different random subspaces. ::
+
+            with fg.same_tangents():
+                optimizer.step(lambda: fg.fill_grad(model, loss_fn))   # zero_grad is not needed
+        """
+        if self._held:
+            raise RuntimeError("same_tangents() is already active for this estimator")
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            self.step += 1
 
     # -- core --------------------------------------------------------------------------------
     def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, names: Sequence[str] | None = None,
@@ -282,7 +302,8 @@ class ForwardGradient:
                 "the iterate diverged: use a smaller learning rate"
             )
         coeffs = self.coefficients(plan, jvps)
-        self.step += 1
+        if not self._held:
+            self.step += 1
         return coeffs
 
     def estimate(
