@@ -114,3 +114,23 @@ def test_lbfgs_with_held_tangents_and_a_line_search_lowers_the_loss():
             optimizer.step(lambda: fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y)))
     with torch.no_grad():
         assert float(F.cross_entropy(model(x), y)) < 0.9 * initial
+
+
+def test_gradient_accumulation_with_held_tangents_equals_the_full_batch_estimate():
+    """Micro-batches accumulated under same_tangents() give the estimate of the whole batch (the projection
+    is linear in the gradient for fixed tangents); new tangents per micro-batch would not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+
+    def flat():
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    frog.ForwardGradient(4, seed=2).fill_grad(model, lambda m: F.cross_entropy(m(x), y))
+    full = flat()
+    fg = frog.ForwardGradient(4, seed=2)
+    model.zero_grad()
+    with fg.same_tangents():
+        for part in (slice(0, 6), slice(6, 12)):
+            fg.fill_grad(model, lambda m, part=part: F.cross_entropy(m(x[part]), y[part]) / 2, accumulate=True)
+    torch.testing.assert_close(flat(), full, rtol=1e-10, atol=1e-12)
