@@ -37,6 +37,7 @@ from .engines import (
 from .errors import NonFiniteError
 from .layers import Users
 from .masks import same_masks
+from .plain_kernels import plain_checkpoints
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")
@@ -397,7 +398,7 @@ class ForwardGradient:
         if not accumulate:  # replaced below: free the old gradients before the estimates are built
             for p in params.values():
                 p.grad = None
-        with same_masks():  # every pass of the step, whatever the engine, drops the same units
+        with same_masks(), plain_checkpoints():  # every pass drops the same units; checkpoints run plainly
             if self.perturbation == "activity":
                 value, estimates = self._activity_estimates(model, loss_fn, params)
             else:

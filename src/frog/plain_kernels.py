@@ -15,6 +15,10 @@ which the ``jvp`` and ``loop`` engines enter, these layers work unchanged:
   inner product of the tangent with the loss's gradient, which PyTorch's CTC backward kernel computes
   (alpha-beta recursion, one call for all k tangents).
 
+Apart from these, :func:`plain_checkpoints` (around every ``fill_grad``, whatever the engine) runs
+reentrant activation checkpoints (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``)
+as plain calls.
+
 The values are those of the fused kernels up to rounding (tests). Code that calls these functions
 through their modules is routed (``torch._weight_norm``, ``F.embedding_bag``, ``F.ctc_loss``, the
 recurrent layers' ``torch._VF``); not thread-safe (it patches modules).
@@ -28,6 +32,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.nn.functional as F
 from torch import _VF
+from torch.utils.checkpoint import CheckpointFunction
 
 RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the torch._VF functions of nn.LSTM, nn.GRU and nn.RNN
 
@@ -154,6 +159,22 @@ def _patched(owner, name: str, replacement) -> Iterator[None]:
             setattr(owner, name, before)
         else:
             delattr(owner, name)
+
+
+def _call_directly(function: Callable, preserve_rng_state: bool, *args):
+    """``CheckpointFunction.apply`` within :func:`plain_checkpoints`: the function, called once."""
+    return function(*args)
+
+
+@contextmanager
+def plain_checkpoints() -> Iterator[None]:
+    """Within the context a reentrant checkpoint calls its function directly. Its autograd Function has no
+    jvp rule, and in a backward pass it recomputes the segment with the modules' own parameters. frog's
+    passes call the model with other tensors in their place, so ``sim``'s gradients would miss that
+    segment. Forward mode keeps no activations, so nothing is lost there; ``sim`` keeps the segment's
+    activations for its one backward pass. Non-reentrant checkpoints need nothing."""
+    with _patched(CheckpointFunction, "apply", staticmethod(_call_directly)):
+        yield
 
 
 @contextmanager
