@@ -247,6 +247,21 @@ class CellLoop(nn.Module):
         return self.head(state[0])
 
 
+class NoGradBackbone(nn.Module):
+    """A backbone run under torch.no_grad() with trainable parameters (a fine-tuning script that forgot to
+    freeze it): its output has no autograd graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.backbone(x)
+        return self.head(h)
+
+
 class Labels(nn.Module):
     def __init__(self):
         super().__init__()
@@ -289,6 +304,7 @@ class LabelBlock(nn.Module):
 @pytest.mark.parametrize("model,message", [
     (Twice(), r"block 'layer' ran twice"),
     (CellLoop(), r"block 'cell' ran twice"),
+    (NoGradBackbone(), r"block 'backbone' returned an output without autograd graph .* freeze them"),
     (Unused(), r"block 'spare' did not run"),
     (OwnParameter(), r"parameters scale belong to the model itself"),
     (LabelBlock(), r"block 'inner' must return a floating-point tensor"),

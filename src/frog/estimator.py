@@ -456,9 +456,15 @@ class ForwardGradient:
         chained_sim = self.engine.single_pass and isinstance(model, nn.Sequential) and blocks == list(model.children())
         replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
         parameter_names = {id(p): n for n, p in params.items()}
-        with local_graphs(blocks, chained_sim, block_labels(model, blocks), parameter_names) as (inputs, outputs):
+        labels = block_labels(model, blocks)
+        with local_graphs(blocks, chained_sim, labels, parameter_names) as (inputs, outputs):
             losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
         check_local([losses], outputs, parameter_names, "after the last block")
+        untracked = [label for label, h in zip(labels, outputs, strict=True) if not h.requires_grad]
+        if untracked:
+            raise ValueError(f"{', '.join(untracked)} returned an output without autograd graph (computed under "
+                             "torch.no_grad() or detached), so activity perturbation cannot reach its parameters: "
+                             "freeze them (requires_grad_(False)) or pass blocks=[...] without that module")
         batch = losses.shape[0]
         shared = [shared_by_batch(h, batch) for h in outputs]
         if all(shared):
