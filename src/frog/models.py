@@ -24,10 +24,11 @@ vit       encoder1 (patch embedding + class token + position            (B, T, 2
           token); 6 blocks, 4 heads, hidden 256, MLP 512, patch 4
 ========  ==========================================================  ==========================
 
-BatchNorm in training mode under ``vmap`` cannot update its running statistics (an in-place write
-of a batched tensor into an unbatched buffer); set ``track_running_stats = False`` on the BatchNorm
-layers for the forward passes under ``vmap`` (training then normalizes with batch statistics, as
-usual, and leaves the buffers alone).
+BatchNorm in training mode works in every engine: ``ForwardGradient`` stops the running statistics
+from updating during its forward-mode passes (``track_running_stats`` off, batch statistics as
+usual) and updates them once per call with one plain pass. Code that runs these models under its own
+``vmap`` over the data must do the same: an in-place write of a batched tensor into an unbatched
+buffer fails.
 """
 
 from __future__ import annotations
