@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 
 import frog
-from frog.plain_kernels import RECURRENT, ctc_loss, embedding_bag, forward_mode_kernels, weight_norm
+from frog.plain_kernels import RECURRENT, ctc_loss, embedding, embedding_bag, forward_mode_kernels, weight_norm
 
 F64 = torch.float64
 
@@ -92,13 +92,13 @@ def test_ctc_loss_list_lengths_unbatched_and_zero_infinity():
 
 def test_context_restores_everything():
     mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
-    before = torch._weight_norm, F.embedding_bag, F.ctc_loss
+    before = torch._weight_norm, F.embedding, F.embedding_bag, F.ctc_loss
     with pytest.raises(RuntimeError, match="inside"), forward_mode_kernels():
         with forward_mode_kernels():  # nested
             assert F.embedding_bag is embedding_bag
         assert torch._weight_norm is weight_norm and all(name in vars(_VF) for name in RECURRENT)
         raise RuntimeError("inside")
-    assert (torch._weight_norm, F.embedding_bag, F.ctc_loss) == before
+    assert (torch._weight_norm, F.embedding, F.embedding_bag, F.ctc_loss) == before
     assert not any(name in vars(_VF) for name in RECURRENT)
     assert (torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled) == (mkldnn, cudnn)
 
@@ -196,3 +196,42 @@ def test_activation_checkpoints_give_the_exact_gradient(engine):
     fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y))
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(got, exact, rtol=1e-6 if engine == "fd" else 1e-10, atol=1e-8 if engine == "fd" else 1e-12)
+
+
+class PaddedLM(nn.Module):
+    """An embedding with padding_idx, its weight tied to the output layer (as RoBERTa's): backprop gives
+    the padding row a gradient from the output layer only, none from the lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3, padding_idx=1)
+        self.mix = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.embed(idx)))).mean(1)
+
+
+@pytest.mark.parametrize("engine", ["jvp", "loop", "sim"])
+def test_padding_rows_get_backprops_gradient(engine):
+    """k = n basis tangents: the estimate is autograd's gradient, whose padding row has only the tied
+    output layer's part (PyTorch's forward-mode rule for embedding would add the lookup's part)."""
+    torch.manual_seed(0)
+    model = PaddedLM().double()
+    idx, y = torch.tensor([[1, 2, 1, 3], [4, 1, 5, 0]]), torch.tensor([2, 4])
+    exact_model = copy.deepcopy(model)
+    F.cross_entropy(exact_model(idx), y).backward()
+    exact = torch.cat([p.grad.reshape(-1) for p in exact_model.parameters()])
+    fg = frog.ForwardGradient(exact.numel(), tangents="basis", engine=engine, scale_correction=False)
+    fg.fill_grad(model, lambda m: F.cross_entropy(m(idx), y))
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_values_and_padding_tangents():
+    weight = table()
+    idx = torch.tensor([[0, 2, 9], [2, 5, 2]])
+    torch.testing.assert_close(embedding(idx, weight, 2), F.embedding(idx, weight, 2), rtol=0, atol=0)
+    _, tangent = torch.func.jvp(lambda w: embedding(idx, w, 2), (weight,), (torch.ones_like(weight),))
+    assert torch.equal(tangent[idx == 2], torch.zeros(3, 4, dtype=F64)) and bool((tangent[idx != 2] == 1).all())

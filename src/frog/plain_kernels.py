@@ -11,6 +11,10 @@ which the ``jvp`` and ``loop`` engines enter, these layers work unchanged:
 - ``nn.EmbeddingBag`` / ``F.embedding_bag`` with mode ``sum`` or ``mean``: it becomes an embedding
   lookup and a per-bag sum (``index_add``), with ``offsets``, ``per_sample_weights``,
   ``include_last_offset`` and ``padding_idx``. Mode ``max`` keeps PyTorch's kernel.
+- ``nn.Embedding`` with ``padding_idx``: autograd gives the padding row no gradient from the lookup,
+  but PyTorch's forward-mode rule differentiates it too, so ``jvp`` would estimate, and train, a row that
+  backprop keeps fixed. Looked-up padding positions carry no tangent here (tied weights keep the
+  derivative through their other uses).
 - ``F.ctc_loss``: PyTorch has no jvp rule for it. Each sample's loss is a scalar, so its jvp is the
   inner product of the tangent with the loss's gradient, which PyTorch's CTC backward kernel computes
   (alpha-beta recursion, one call for all k tangents).
@@ -20,8 +24,8 @@ reentrant activation checkpoints (``torch.utils.checkpoint.checkpoint(..., use_r
 as plain calls.
 
 The values are those of the fused kernels up to rounding (tests). Code that calls these functions
-through their modules is routed (``torch._weight_norm``, ``F.embedding_bag``, ``F.ctc_loss``, the
-recurrent layers' ``torch._VF``); not thread-safe (it patches modules).
+through their modules is routed (``torch._weight_norm``, ``F.embedding``, ``F.embedding_bag``,
+``F.ctc_loss``, the recurrent layers' ``torch._VF``); not thread-safe (it patches modules).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from torch.utils.checkpoint import CheckpointFunction
 
 RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the torch._VF functions of nn.LSTM, nn.GRU and nn.RNN
 
-_original_embedding_bag = F.embedding_bag  # PyTorch's, captured at import
+_original_embedding = F.embedding  # PyTorch's, captured at import
+_original_embedding_bag = F.embedding_bag
 
 
 def _without_fused_backends(recurrent: Callable) -> Callable:
@@ -56,6 +61,16 @@ def _without_fused_backends(recurrent: Callable) -> Callable:
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``torch._weight_norm``: g v / |v|, the norm over every dimension of v but ``dim`` (all for -1)."""
     return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, *args, **kwargs) -> torch.Tensor:
+    """``F.embedding`` whose outputs at ``padding_idx`` carry no derivative, as in autograd; same arguments.
+    input (*) indices, weight (num_embeddings, D) -> (*, D)."""
+    out = _original_embedding(input, weight, padding_idx, *args, **kwargs)
+    if padding_idx is None:
+        return out
+    padding = padding_idx % weight.shape[0]
+    return torch.where((input == padding).unsqueeze(-1), out.detach(), out)
 
 
 def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None = None,
@@ -184,6 +199,7 @@ def forward_mode_kernels() -> Iterator[None]:
         for name in RECURRENT:
             stack.enter_context(_patched(_VF, name, _without_fused_backends(getattr(_VF, name))))
         stack.enter_context(_patched(torch, "_weight_norm", weight_norm))
+        stack.enter_context(_patched(F, "embedding", embedding))
         stack.enter_context(_patched(F, "embedding_bag", embedding_bag))
         stack.enter_context(_patched(F, "ctc_loss", ctc_loss))
         yield
