@@ -235,3 +235,20 @@ def test_embedding_values_and_padding_tangents():
     torch.testing.assert_close(embedding(idx, weight, 2), F.embedding(idx, weight, 2), rtol=0, atol=0)
     _, tangent = torch.func.jvp(lambda w: embedding(idx, w, 2), (weight,), (torch.ones_like(weight),))
     assert torch.equal(tangent[idx == 2], torch.zeros(3, 4, dtype=F64)) and bool((tangent[idx != 2] == 1).all())
+
+
+def test_requires_grad_in_the_forward_pass_and_checkpoints_as_hugging_face_uses_them():
+    """Hugging Face's gradient checkpointing: a forward hook calls requires_grad_() on the embedding output
+    (which torch.func transforms refuse), and segments run under non-reentrant checkpoints."""
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    model.first.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    x, y = torch.randn(6, 4, dtype=F64), torch.arange(6) % 3
+    estimates = {}
+    for engine in ("sim", "jvp", "loop"):
+        m = copy.deepcopy(model)
+        frog.ForwardGradient(4, engine=engine, seed=2).fill_grad(m, lambda m: F.cross_entropy(m(x), y))
+        estimates[engine] = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+    for engine in ("jvp", "loop"):
+        torch.testing.assert_close(estimates[engine], estimates["sim"], rtol=1e-10, atol=1e-12)
+    assert not torch.randn(2).requires_grad_(True).grad_fn and torch.ones(1).requires_grad_().requires_grad  # restored

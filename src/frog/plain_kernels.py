@@ -19,9 +19,11 @@ which the ``jvp`` and ``loop`` engines enter, these layers work unchanged:
   inner product of the tangent with the loss's gradient, which PyTorch's CTC backward kernel computes
   (alpha-beta recursion, one call for all k tangents).
 
-Apart from these, :func:`plain_checkpoints` (around every ``fill_grad``, whatever the engine) runs
-reentrant activation checkpoints (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``)
-as plain calls.
+Besides, within the context ``Tensor.requires_grad_`` leaves tensors as they are: a call of it under
+``torch.func`` transforms raises, and models call it in their forward pass (Hugging Face's
+``enable_input_require_grads``, which gradient checkpointing turns on), while forward mode needs no
+``requires_grad``. And :func:`plain_checkpoints` (around every ``fill_grad``, whatever the engine) runs
+activation checkpoints (``torch.utils.checkpoint.checkpoint``) as plain calls.
 
 The values are those of the fused kernels up to rounding (tests). Code that calls these functions
 through their modules is routed (``torch._weight_norm``, ``F.embedding``, ``F.embedding_bag``,
@@ -181,14 +183,32 @@ def _call_directly(function: Callable, preserve_rng_state: bool, *args):
     return function(*args)
 
 
+def _no_checkpoint(*args, **kwargs) -> Iterator[None]:
+    """The non-reentrant checkpoint's context generator within :func:`plain_checkpoints`: nothing
+    before or after the function."""
+    yield
+
+
+def _unchanged(tensor: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    """``Tensor.requires_grad_`` within :func:`forward_mode_kernels`."""
+    return tensor
+
+
 @contextmanager
 def plain_checkpoints() -> Iterator[None]:
-    """Within the context a reentrant checkpoint calls its function directly. Its autograd Function has no
-    jvp rule, and in a backward pass it recomputes the segment with the modules' own parameters. frog's
-    passes call the model with other tensors in their place, so ``sim``'s gradients would miss that
-    segment. Forward mode keeps no activations, so nothing is lost there; ``sim`` keeps the segment's
-    activations for its one backward pass. Non-reentrant checkpoints need nothing."""
-    with _patched(CheckpointFunction, "apply", staticmethod(_call_directly)):
+    """Within the context an activation checkpoint calls its function directly, without saving or
+    recomputing anything.
+    - A reentrant checkpoint's autograd Function has no jvp rule. In a backward pass it recomputes the
+      segment with the modules' own parameters, but frog's passes call the model with other tensors in
+      their place, so ``sim``'s gradients would miss that segment.
+    - A non-reentrant checkpoint refuses ``sim``'s second use of its saved tensors.
+
+    Forward mode keeps no activations, so nothing is lost there; ``sim`` keeps the segment's
+    activations for its backward pass."""
+    with ExitStack() as stack:
+        stack.enter_context(_patched(CheckpointFunction, "apply", staticmethod(_call_directly)))
+        stack.enter_context(_patched(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
+                                     _no_checkpoint))
         yield
 
 
@@ -202,4 +222,5 @@ def forward_mode_kernels() -> Iterator[None]:
         stack.enter_context(_patched(F, "embedding", embedding))
         stack.enter_context(_patched(F, "embedding_bag", embedding_bag))
         stack.enter_context(_patched(F, "ctc_loss", ctc_loss))
+        stack.enter_context(_patched(torch.Tensor, "requires_grad_", _unchanged))
         yield
