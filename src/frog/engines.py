@@ -95,8 +95,8 @@ def forward_mode_rules() -> Iterator[None]:
     """frog's own forward-mode rules, routed while the ``jvp`` and ``loop`` engines run:
     ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to :mod:`frog.attention`,
     train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`, and the
-    fused kernels without jvp rules (oneDNN/cuDNN RNNs, weight norm, EmbeddingBag, CTC loss) to
-    :mod:`frog.plain_kernels`."""
+    kernels whose forward mode is missing or differs from autograd (oneDNN/cuDNN RNNs, weight norm,
+    EmbeddingBag, Embedding's padding row, CTC loss) to :mod:`frog.plain_kernels`."""
     with forward_mode_attention(), forward_mode_batch_norm(), forward_mode_kernels():
         yield
 
