@@ -10,7 +10,7 @@ and loop estimates to sim's, or the error a setting stopped with, and a final JS
   time_sequence_prediction, dcgan (D, and G through D), fast_neural_style, gcn, gat, minGPT, Llama 2.
 - ``--transformers``: tiny Hugging Face models from their configs (needs ``transformers``): BERT,
   GPT-2 (also with gradient checkpointing), ViT, T5, Llama, Mistral, DistilBERT, RoBERTa, ConvNeXt,
-  Swin, ResNet; weight perturbation, and activity perturbation for GPT-2 and ViT.
+  Swin, ResNet; weight perturbation, and activity perturbation for BERT, GPT-2 and ViT.
 
     python benchmarks/public_models.py --examples ../pytorch-examples [--transformers]
 """
@@ -183,7 +183,7 @@ def hugging_face() -> dict:
     weight_only = ("weight",)
     cases = {
         "HF BERT": (lambda: hf.BertForSequenceClassification(hf.BertConfig(**text, hidden_size=32, num_labels=3, **small)),
-                    classify, weight_only),
+                    lambda m, r: F.cross_entropy(m(input_ids=ids).logits, labels, reduction=r), ("weight", "activity")),
         "HF GPT-2": (gpt2, gpt2_tokens, ("weight", "activity")),
         "HF GPT-2, checkpointing": (lambda: gpt2(False), gpt2_tokens, weight_only),
         "HF GPT-2, reentrant checkpointing": (lambda: gpt2(True), gpt2_tokens, weight_only),
