@@ -32,6 +32,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .patching import patched
+
 
 class _Attention(torch.autograd.Function):
     """O = (softmax((q f_q)(k f)^T + bias) * noise) v with an explicit jvp (module docstring) and
@@ -186,11 +188,10 @@ def forward_mode_attention() -> Iterator[None]:
     PyTorch's own modules do) is routed; a name imported before (``from torch.nn.functional import
     scaled_dot_product_attention``) keeps the fused kernel. Not thread-safe (it patches a module).
     """
-    original, fastpath = F.scaled_dot_product_attention, torch.backends.mha.get_fastpath_enabled()
-    F.scaled_dot_product_attention = scaled_dot_product_attention
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield
+        with patched(F, "scaled_dot_product_attention", scaled_dot_product_attention):
+            yield
     finally:
-        F.scaled_dot_product_attention = original
         torch.backends.mha.set_fastpath_enabled(fastpath)

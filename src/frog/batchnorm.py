@@ -31,10 +31,12 @@ False to leave every call to PyTorch (A/B comparisons).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+
+from .patching import patched
 
 FUSED = True
 """Whether :func:`forward_mode_batch_norm` routes train-mode batch norm to :func:`batch_norm`."""
@@ -139,12 +141,5 @@ def forward_mode_batch_norm() -> Iterator[None]:
     Code that calls the function through the module (``F.batch_norm(...)``, as ``nn.BatchNorm*``
     does) is routed; a name imported before keeps PyTorch's. Not thread-safe (it patches a module).
     """
-    if not FUSED:
+    with patched(F, "batch_norm", routed_batch_norm) if FUSED else nullcontext():
         yield
-        return
-    original = F.batch_norm
-    F.batch_norm = routed_batch_norm
-    try:
-        yield
-    finally:
-        F.batch_norm = original

@@ -201,12 +201,12 @@ class JvpEngine(Engine):
             return jvp(run, primal_args, (free, markers), has_aux=True)
 
         parts = []
-        for chunk in chunks:
-            tangents = split.tangent_args(primals, plan, chunk)
-            with forward_mode_rules():
+        with forward_mode_rules():
+            for chunk in chunks:
+                tangents = split.tangent_args(primals, plan, chunk)
                 values, jvps, bases = vmap(one_tangent, randomness="same")(*tangents)
-            del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
-            parts.append(jvps)
+                del tangents  # freed before the next chunk is drawn: one chunk within the budget at a time
+                parts.append(jvps)
         split.set_bases(plan, {b: basis[0] for b, basis in bases.items()})
         return values[0], parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -221,13 +221,13 @@ class LoopEngine(Engine):
         run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
         replay = RngReplay(_device(primals))
         jvps = []
-        for i in range(plan.num_tangents) if rows is None else rows:
-            replay.reset()
-            free, markers = split.tangent_args(primals, plan, [i])
-            with forward_mode_rules():
+        with forward_mode_rules():
+            for i in range(plan.num_tangents) if rows is None else rows:
+                replay.reset()
+                free, markers = split.tangent_args(primals, plan, [i])
                 value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
                                                                   {b: t[0] for b, t in markers.items()}), has_aux=True)
-            jvps.append(derivative)
+                jvps.append(derivative)
         split.set_bases(plan, bases)
         return value, torch.stack(jvps)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import frog_when_dropping
+from .patching import patched
 
 _original_dropout = F.dropout  # PyTorch's, captured at import
 
@@ -43,9 +44,5 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
 def same_masks() -> Iterator[None]:
     """Within the context ``F.dropout`` is :func:`dropout` and ``F.scaled_dot_product_attention`` runs
     frog's attention where it drops (module docstring). Not thread-safe (it patches a module)."""
-    before = F.dropout, F.scaled_dot_product_attention
-    F.dropout, F.scaled_dot_product_attention = dropout, frog_when_dropping
-    try:
+    with patched(F, "dropout", dropout), patched(F, "scaled_dot_product_attention", frog_when_dropping):
         yield
-    finally:
-        F.dropout, F.scaled_dot_product_attention = before

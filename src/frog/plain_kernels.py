@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import _VF
 from torch.utils.checkpoint import CheckpointFunction
 
+from .patching import patched
+
 RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")  # the torch._VF functions of nn.LSTM, nn.GRU and nn.RNN
 
 _original_embedding = F.embedding  # PyTorch's, captured at import
@@ -164,20 +166,6 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths, targ
     return nll[0] if unbatched else nll
 
 
-@contextmanager
-def _patched(owner, name: str, replacement) -> Iterator[None]:
-    """owner.name = replacement within the context (restored as it was, also when nested)."""
-    had, before = name in vars(owner), vars(owner).get(name)
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        if had:
-            setattr(owner, name, before)
-        else:
-            delattr(owner, name)
-
-
 def _call_directly(function: Callable, preserve_rng_state: bool, *args):
     """``CheckpointFunction.apply`` within :func:`plain_checkpoints`: the function, called once."""
     return function(*args)
@@ -206,8 +194,8 @@ def plain_checkpoints() -> Iterator[None]:
     Forward mode keeps no activations, so nothing is lost there; ``sim`` keeps the segment's
     activations for its backward pass."""
     with ExitStack() as stack:
-        stack.enter_context(_patched(CheckpointFunction, "apply", staticmethod(_call_directly)))
-        stack.enter_context(_patched(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
+        stack.enter_context(patched(CheckpointFunction, "apply", staticmethod(_call_directly)))
+        stack.enter_context(patched(torch.utils.checkpoint, "_checkpoint_without_reentrant_generator",
                                      _no_checkpoint))
         yield
 
@@ -217,10 +205,10 @@ def forward_mode_kernels() -> Iterator[None]:
     """Within the context the kernels of the module docstring are replaced by plain ones."""
     with ExitStack() as stack:
         for name in RECURRENT:
-            stack.enter_context(_patched(_VF, name, _without_fused_backends(getattr(_VF, name))))
-        stack.enter_context(_patched(torch, "_weight_norm", weight_norm))
-        stack.enter_context(_patched(F, "embedding", embedding))
-        stack.enter_context(_patched(F, "embedding_bag", embedding_bag))
-        stack.enter_context(_patched(F, "ctc_loss", ctc_loss))
-        stack.enter_context(_patched(torch.Tensor, "requires_grad_", _unchanged))
+            stack.enter_context(patched(_VF, name, _without_fused_backends(getattr(_VF, name))))
+        stack.enter_context(patched(torch, "_weight_norm", weight_norm))
+        stack.enter_context(patched(F, "embedding", embedding))
+        stack.enter_context(patched(F, "embedding_bag", embedding_bag))
+        stack.enter_context(patched(F, "ctc_loss", ctc_loss))
+        stack.enter_context(patched(torch.Tensor, "requires_grad_", _unchanged))
         yield
