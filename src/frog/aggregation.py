@@ -65,7 +65,8 @@ def coefficients(
     """Coefficients c (same shape and dtype as ``jvps``) with estimate V^T c.
 
     Args:
-        gram: G = V V^T, shape (k, k); only ``project`` reads it (None is fine otherwise).
+        gram: G = V V^T, shape (k, k), or (B, k, k) for per-example tangents (one Gram matrix per
+            sample, which then solves its own column of ``jvps``); only ``project`` reads it.
         jvps: d = V grad f, shape (k,) or (k, B) for B per-sample gradients.
         method: ``sum`` (c = d), ``mean`` (c = d / k) or ``project`` (G c = d).
         rtol: relative eigenvalue cut-off for rank-deficient G (default :func:`default_rtol`).
@@ -78,10 +79,14 @@ def coefficients(
         return jvps
     if method == "mean":
         return jvps / k
+    rtol = default_rtol(k) if rtol is None else rtol
+    if gram is not None and gram.dim() == 3 and jvps.dim() == 2 and gram.shape == (jvps.shape[1], k, k):
+        rhs = jvps.to(torch.float64).T.unsqueeze(-1)  # (B, k, 1): sample j solves G_j c_j = d_j
+        return solve_gram(gram.to(torch.float64), rhs, rtol).squeeze(-1).T.to(jvps.dtype)
     if gram is None or gram.shape != (k, k):
         got = None if gram is None else tuple(gram.shape)
-        raise ValueError(f"project needs a Gram matrix of shape ({k}, {k}) for {k} jvps, got {got}")
-    rtol = default_rtol(k) if rtol is None else rtol
+        raise ValueError(f"project needs a Gram matrix of shape ({k}, {k}) (or (B, {k}, {k}) for jvps (k, B)) "
+                         f"for {k} jvps, got {got}")
     rhs = jvps.to(torch.float64).reshape(k, -1)
     solution = solve_gram(gram.to(torch.float64), rhs, rtol)
     return solution.reshape(jvps.shape).to(jvps.dtype)

@@ -120,9 +120,9 @@ class Split:
 
     def tangent_size(self, plan: TangentPlan) -> int:
         """Entries of one tangent as the forward-mode engines hold it: packed factors for routed blocks,
-        dense for the rest."""
-        return sum(math.prod(plan.layouts[b].stored) if b in self.routes else math.prod(plan.shapes[b])
-                   for b in range(len(self.names)))
+        dense for the rest (per-example blocks: one row per example)."""
+        return sum(math.prod(plan.shapes[b]) if plan.layouts[b].factored and b not in self.routes
+                   else math.prod(plan.layouts[b].stored) for b in range(len(self.names)))
 
     def set_bases(self, plan: TangentPlan, bases: Mapping[int, torch.Tensor] | None = None) -> None:
         """Give the plan the basis of every input-span block (found in this call)."""

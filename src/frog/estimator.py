@@ -35,6 +35,8 @@ from .engines import (
     rows_within,
 )
 from .errors import NonFiniteError
+from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
+from .guesses import GuessSource
 from .layers import Users
 from .masks import same_masks
 from .plain_kernels import plain_checkpoints
@@ -141,6 +143,14 @@ class ForwardGradient:
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor)
             or ``activity`` (a tangent per block output, shared by the batch, as in the paper).
+        per_example: activity perturbation with independent tangents for every example (B x k per
+            block, one k x k projection per example) instead of one set shared by the batch (SPEC 5).
+        relu_mask: zero random activity tangents at inactive ReLU units (outputs exactly 0 that do not
+            reach the block's parameters); default: on with ``per_example`` (:mod:`frog.example_tangents`).
+        guess: a :class:`frog.guesses.GuessSource` (e.g. :class:`frog.guesses.LocalHeads`): its per-example
+            guesses of the block outputs' gradients become the first L of the k activity tangents, the
+            other k - L stay random; pass the batch's targets to :meth:`fill_grad`. The length correction
+            is not applied to it (the guessed components have the gradient's length).
         blocks: the blocks for activity perturbation (default: found automatically, see
             :func:`frog.activity.blocks_of`; :func:`frog.describe_blocks` shows them).
         communicator: a :class:`frog.distributed.Communicator` to share the work between ranks.
@@ -164,6 +174,9 @@ class ForwardGradient:
         blocks: Sequence[nn.Module] | None = None,
         communicator: Communicator | None = None,
         rank: int = 1,
+        per_example: bool = False,
+        relu_mask: bool | None = None,
+        guess: GuessSource | None = None,
     ) -> None:
         if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
             raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
@@ -180,6 +193,18 @@ class ForwardGradient:
         if tangents == "input-span" and communicator is not None and communicator.mode == "data":
             raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
                              "distributed data mode: use the tangent mode (--distributed tangent) or tangents='lowrank'")
+        relu_mask = per_example if relu_mask is None else relu_mask
+        if per_example or relu_mask or guess is not None:
+            if perturbation != "activity":
+                raise ValueError("per_example, relu_mask and guess shape activity tangents: use perturbation='activity'")
+            check_example_kind(tangents, normalize)
+            if communicator is not None:
+                raise ValueError("per_example, relu_mask and guess run on one process: drop the communicator")
+        if guess is not None and not isinstance(guess, GuessSource):
+            raise ValueError(f"guess must be a frog.guesses.GuessSource (e.g. LocalHeads(num_classes)), got "
+                             f"{type(guess).__name__}")
+        self.per_example, self.relu_mask, self.guess = bool(per_example), bool(relu_mask), guess
+        self._mask_check = MaskCheck()
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.tangents = tangents
@@ -202,19 +227,29 @@ class ForwardGradient:
         self._held = False  # within same_tangents(): the call counter stays put
 
     def __repr__(self) -> str:
+        extras = [f"rank={self.rank}"] if self.tangents in STRUCTURED else []
+        extras += ["per_example=True"] if self.per_example else []
+        extras += [f"relu_mask={self.relu_mask}"] if self.relu_mask != self.per_example else []
+        extras += [f"guess={type(self.guess).__name__}"] if self.guess is not None else []
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
             f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step}"
-            + (f", rank={self.rank})" if self.tangents in STRUCTURED else ")")
+            + "".join(f", {e}" for e in extras) + ")"
         )
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue with the same tangents: seed and call counter."""
-        return {"seed": self.seed, "step": self.step}
+        """What a checkpoint needs to continue with the same tangents: seed and call counter, and the
+        guess source's state (heads and their optimizer)."""
+        state: dict[str, Any] = {"seed": self.seed, "step": self.step}
+        if self.guess is not None:
+            state["guess"] = self.guess.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.step = int(state["seed"]), int(state["step"])
+        if self.guess is not None:
+            self.guess.load_state_dict(state.get("guess", {}))
 
     @contextmanager
     def same_tangents(self) -> Iterator[None]:
@@ -269,7 +304,7 @@ class ForwardGradient:
         if self.aggregation == "project":
             gram = plan.gram() if transform is None else transform @ plan.gram() @ transform.T
         coeffs = coefficients(gram, jvps, self.aggregation, rtol=self.rtol)
-        if self.scale_correction:  # input-span tangents span less than n: the gradient lies in that space
+        if self.scale_correction and self.guess is None:  # input-span tangents span less than n: the gradient lies in that space
             n = plan.spanned_dimension()
             mean_sq = mean_squared_norm(self.tangents, self.normalize, n)
             coeffs = coeffs * scale_correction(self.aggregation, self.num_tangents, n, mean_sq)
@@ -373,6 +408,7 @@ class ForwardGradient:
         loss_fn: Callable[[nn.Module], torch.Tensor],
         *,
         accumulate: bool = False,
+        targets: Any = None,
     ) -> torch.Tensor:
         """Set ``p.grad`` of every trainable parameter to its forward-gradient estimate.
 
@@ -381,7 +417,8 @@ class ForwardGradient:
         a scalar loss. Activity perturbation: one tangent per block output, shared by the batch;
         ``loss_fn(model)`` returns per-sample losses (B,) and the returned loss is their mean.
         BatchNorm running statistics are updated exactly once per call.
-        With ``accumulate`` the estimate is added to existing gradients. Returns the loss (detached).
+        With ``accumulate`` the estimate is added to existing gradients. ``targets`` (the batch's labels)
+        go to the guess source. Returns the loss (detached).
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -389,7 +426,7 @@ class ForwardGradient:
         if replicas is not None and self.communicator is None:  # DDP over several ranks: average as DDP does
             self.communicator = replicas
             try:
-                return self.fill_grad(model, loss_fn, accumulate=accumulate)
+                return self.fill_grad(model, loss_fn, accumulate=accumulate, targets=targets)
             finally:
                 self.communicator = None
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -400,7 +437,7 @@ class ForwardGradient:
                 p.grad = None
         with same_masks(), plain_checkpoints():  # every pass drops the same units; checkpoints run plainly
             if self.perturbation == "activity":
-                value, estimates = self._activity_estimates(model, loss_fn, params)
+                value, estimates = self._activity_estimates(model, loss_fn, params, targets)
             else:
                 value, estimates = self._weight_estimates(model, loss_fn, params)
         comm = self.communicator
@@ -445,9 +482,10 @@ class ForwardGradient:
             cached = self._users[model] = (key, users)
         return cached[1]
 
-    def _activity_estimates(self, model, loss_fn, params):
+    def _activity_estimates(self, model, loss_fn, params, targets=None):
         """Activity perturbation: per-sample jvps (k, B) of the losses along one tangent per block
-        output (shared by the batch), per-sample coefficients, then each block's weight gradient by
+        output (shared by the batch, or per example with guesses first: :meth:`_activity_plan`),
+        per-sample coefficients, then each block's weight gradient by
         a vector-Jacobian product inside that block only: (1/B) sum_i (dh_b[i]/dtheta_b)^T g_b[i]
         (summed over the batch for an output without batch dimension, which all samples share)."""
         blocks = blocks_of(model, self.blocks)
@@ -474,7 +512,7 @@ class ForwardGradient:
                              f"(outputs {shapes}); return per-sample losses (B,) or (B, ...) of a batch-first model, "
                              "or use perturbation='weight'")
         features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
-        plan = self.plan(features, outputs[0])
+        plan = self._activity_plan(blocks, features, outputs, shared, losses, targets, labels)
         comm = self.communicator
         if chained_sim:
             rows = comm.rows(self.num_tangents) if comm else None
@@ -488,8 +526,8 @@ class ForwardGradient:
             # batch, so no k x B copies of the tangents); sim needs per-sample positions, (B, features),
             # to return per-sample gradients
             per_sample = self.engine.single_pass
-            zeros = {f"block{b}": h.new_zeros((batch, *f) if per_sample else f) for b, (h, f) in
-                     enumerate(zip(outputs, features, strict=True))}
+            zeros = {f"block{b}": h.new_zeros(plan.layouts[b].stored if not per_sample else (batch, *f))
+                     for b, (h, f) in enumerate(zip(outputs, features, strict=True))}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
             replay.reset()
             with _frozen_running_stats(freeze=True) as ran, torch.no_grad():
@@ -505,6 +543,27 @@ class ForwardGradient:
         grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)
         estimates = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=False)}
         return losses.detach().mean(), estimates
+
+
+    def _activity_plan(self, blocks, features, outputs, shared, losses, targets, labels) -> TangentPlan:
+        """The step's activity tangents: the plan of one shared row set (the paper), or per-example rows,
+        masked at inactive ReLU units, with the guess source's guesses first (:mod:`frog.example_tangents`)."""
+        if not (self.per_example or self.relu_mask or self.guess is not None):
+            return self.plan(features, outputs[0])
+        guesses = [None] * len(outputs)
+        if self.guess is not None:
+            guesses = checked_guesses(self.guess.guesses(outputs, targets, losses), outputs, shared, labels)
+        masks = [self._mask_check.mask(block, h) if self.relu_mask and not s else None
+                 for block, h, s in zip(blocks, outputs, shared, strict=True)]
+        drawn = self.num_tangents - sum(g is not None for g in guesses)
+        random = None
+        if drawn > 0:  # the random rows: this step's seed, as any plan
+            batch = losses.shape[0]
+            shapes = [f if s or not self.per_example else torch.Size((batch, *f)) for f, s in zip(features, shared)]
+            random = TangentPlan(self.tangents, drawn, shapes, seed=self.seed, step=self.step, device=outputs[0].device,
+                                 dtype=outputs[0].dtype)
+        return example_plan(random, self.num_tangents, features, outputs, shared, per_example=self.per_example,
+                            masks=masks, guesses=guesses, track_gram=self.aggregation == "project")
 
 
 def _per_sample(losses: torch.Tensor) -> torch.Tensor:

@@ -167,4 +167,56 @@ class LowRank:
         return (projected * self.coordinates(raw).to(grad.dtype)).sum((-2, -1)).unsqueeze(-1)
 
 
-Layout = Dense | LowRank
+class PerExample:
+    """Independent tangent rows per example of a block activity (SPEC 5): stored (k, B, *shape).
+
+    Row i holds one tangent per example, v_{i,1..B}; example j sees only its own v_{i,j}. So the
+    Gram matrix is per example, G_j = sum_b V_{b,j} V_{b,j}^T (B, k, k), and so are the coefficients
+    (k, B) and the estimate sum_i c_{i,j} v_{i,j}. One tangent shared by the batch is a Dense block.
+    """
+
+    factored = False
+
+    def __init__(self, shape: torch.Size, batch: int) -> None:
+        self.shape = torch.Size(shape)
+        self.batch = batch
+        self.stored = torch.Size((batch, *self.shape))
+
+    @property
+    def spanned(self) -> int:
+        """Dimension of one example's space, the block's features."""
+        return self.shape.numel()
+
+    def dense(self, raw: torch.Tensor) -> torch.Tensor:
+        """The tangents themselves, (k, B, *shape)."""
+        return raw
+
+    def _rows(self, raw: torch.Tensor) -> torch.Tensor:
+        """(k, B, features)."""
+        return raw.reshape(raw.shape[0], self.batch, -1)
+
+    def gram(self, raw: torch.Tensor) -> torch.Tensor:
+        """G_j = V_j V_j^T per example j, float64 (B, k, k)."""
+        return gram_of(self._rows(raw).transpose(0, 1))
+
+    def squared_norms(self, raw: torch.Tensor) -> torch.Tensor:
+        """|w_i|^2 of each whole row (all examples), float64 (k,)."""
+        return self._rows(raw).double().square().sum((1, 2))
+
+    def estimate(self, raw: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """sum_i c_{i,j} v_{i,j} per example j: coefficients (k, B) -> (*shape, B)."""
+        if coeffs.shape != (raw.shape[0], self.batch):
+            raise ValueError(f"per-example tangents need coefficients (k, B) = ({raw.shape[0]}, {self.batch}), "
+                             f"got {tuple(coeffs.shape)}")
+        combined = (self._rows(raw) * coeffs.to(raw.dtype).unsqueeze(-1)).sum(0)  # (B, features)
+        return combined.T.reshape(*self.shape, self.batch)
+
+    def inner(self, raw: torch.Tensor, grad: torch.Tensor, samples: int) -> torch.Tensor:
+        """<v_{i,j}, g_j> for per-example gradients g (B, *shape): (k, B)."""
+        if samples != self.batch:
+            raise ValueError(f"per-example tangents of a batch of {self.batch} need {self.batch} per-sample "
+                             f"gradients, got {samples}")
+        return (self._rows(raw).to(grad.dtype) * grad.reshape(1, samples, -1)).sum(-1)
+
+
+Layout = Dense | LowRank | PerExample

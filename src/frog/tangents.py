@@ -287,6 +287,8 @@ class TangentPlan:
         rank: r of the low-rank layouts (structured kinds).
         span: indices of the blocks whose right factors an engine draws in the span of a layer's
             inputs (``input-span``; :meth:`set_basis`).
+        layouts: the blocks' layouts, instead of those of ``kind`` (:class:`~frog.layouts.PerExample`
+            blocks of activity tangents per example; SPEC 5).
     """
 
     def __init__(
@@ -306,6 +308,7 @@ class TangentPlan:
         buffers: dict[int, torch.Tensor] | None = None,
         rank: int = 1,
         span: Sequence[int] = (),
+        layouts: Sequence[Layout] | None = None,
     ) -> None:
         self.kind, self.normalize, self.angle = kind, normalize, angle
         self.num_tangents = num_tangents
@@ -317,7 +320,7 @@ class TangentPlan:
         check_kind(kind, angle)
         check_size(kind, num_tangents, self.dimension)
         check_rank(kind, rank, self.shapes)
-        self.layouts = make_layouts(kind, self.shapes, rank, span)
+        self.layouts = make_layouts(kind, self.shapes, rank, span) if layouts is None else list(layouts)
         self.seed, self.step = seed, step
         self.device, self.dtype = device, dtype
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
@@ -385,6 +388,15 @@ class TangentPlan:
             raise RuntimeError("set_basis after the Gram matrix was formed: the tangents would change under it")
         self.layouts[index].basis = basis
 
+    def give(self, index: int, raw: torch.Tensor) -> None:
+        """Use ``raw`` (k, *layouts[index].stored) as block ``index``'s tangents instead of drawing them
+        (tangents composed elsewhere: guesses, masked rows; :mod:`frog.guesses`). Needs ``cache=True``."""
+        expected = (self.num_tangents, *self.layouts[index].stored)
+        if self._cache is None or tuple(raw.shape) != expected:
+            raise ValueError(f"block {index} takes given tangents of shape {expected} in a plan that keeps its "
+                             f"blocks, got {tuple(raw.shape)}")
+        self._cache[index] = raw
+
     def _gram_ready(self, index: int) -> bool:
         """Whether block ``index``'s Gram contribution can be formed now (an input-span block needs
         its basis, which an engine sets while the layer runs)."""
@@ -422,11 +434,12 @@ class TangentPlan:
         return self._block_grams.pop(index)
 
     def gram(self) -> torch.Tensor:
-        """Raw Gram matrix G = sum_b W_b W_b^T, float64 (k, k); one pass over the blocks."""
+        """Raw Gram matrix G = sum_b W_b W_b^T, float64 (k, k), or (B, k, k) per example when a block has
+        per-example tangents (:class:`~frog.layouts.PerExample`); one pass over the blocks."""
         if self._gram is None:
             total = torch.zeros(self.num_tangents, self.num_tangents, dtype=torch.float64, device=self.device)
             for b in range(len(self.shapes)):
-                total += self._block_gram(b)
+                total = total + self._block_gram(b)  # (k, k) blocks broadcast over per-example ones
             self._gram = total
         return self._gram
 

@@ -1,0 +1,188 @@
+"""Guess sources: per-example guesses of each block output's gradient, from local information (SPEC 5).
+
+A guess gamma_{b,i} of grad_{h_b} l_i (block b's output, example i) becomes one tangent of the
+activity perturbation, in block b's part of the global tangent and zero elsewhere; the other tangents
+stay random (:mod:`frog.example_tangents`). frog's projection then takes from the jvps exactly the
+true gradient's component along each guess, so a good guess closes most of the gap to backprop and a
+bad one costs one tangent. A guess is computed without a backward pass through the network: it may
+use the block's output, the targets and the loss's graph after the last block.
+
+- :class:`GuessSource`: the interface, ``guesses(outputs, targets, losses) -> rows``; subclass it to
+  plug in your own (a previous step's estimate, momentum).
+- :class:`LocalHeads`: a small auxiliary classifier per hidden block (Fournier et al., ICML 2023):
+  its local loss's gradient at the block's output is the guess, and its parameters are trained by
+  that same local loss with their own optimizer. The last block's guess is the loss's own local
+  gradient there, exact (for cross-entropy, softmax - one-hot).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tangents import derive_seed
+
+
+class GuessSource(ABC):
+    """Gives, per block and example, a guess of the block output's gradient (a tangent direction).
+
+    The estimator calls :meth:`guesses` once per step, after the plain forward pass, and puts the
+    guesses first among the k tangents; their length does not matter (each guess row is normalized).
+    State that a checkpoint must keep goes into :meth:`state_dict`.
+    """
+
+    @abstractmethod
+    def guesses(self, outputs: Sequence[torch.Tensor], targets: Any, losses: torch.Tensor) -> list[torch.Tensor | None]:
+        """One entry per block: a guess (B, *features_b) shaped like the block's output h_b, or None for
+        no guess in that block.
+
+        Args:
+            outputs: the block outputs h_b of this step's plain pass, (B, *features_b); each has an
+                autograd graph back to its block's detached inputs (not across blocks).
+            targets: what ``fill_grad(..., targets=...)`` was given (class indices (B,), tokens (B, T)),
+                or None.
+            losses: the per-sample losses (B,), with their graph back to the last block's output.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+
+def output_gradient(losses: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+    """The exact local gradient d(sum_i l_i)/dh of the per-sample losses (B,) at the last block's output
+    h (B, *features): a backward pass through what follows the last block only (the loss; blocks' inputs
+    are detached). None when the losses do not depend on h."""
+    if not (losses.requires_grad and output.requires_grad):
+        return None
+    (grad,) = torch.autograd.grad(losses.sum(), output, retain_graph=True, allow_unused=True)
+    return grad
+
+
+def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int) -> nn.Module:
+    """A small classifier of one block output (B, *features) for class targets (B,) or tokens (B, T):
+
+    - (B, F): Linear(F, classes);
+    - (B, T, C) with targets (B,): mean over tokens, Linear(C, classes);
+    - (B, T, C) with targets (B, T): Linear(C, classes) per token;
+    - (B, C, *spatial) (images): average pooling, Linear(C, classes).
+    """
+    if output.dim() == 2:
+        return nn.Linear(output.shape[1], num_classes)
+    if output.dim() == 3 and targets.dim() == 2:
+        return nn.Linear(output.shape[2], num_classes)
+    if output.dim() == 3:
+        return nn.Sequential(_MeanOver(1), nn.Linear(output.shape[2], num_classes))
+    return nn.Sequential(_MeanOver(tuple(range(2, output.dim()))), nn.Linear(output.shape[1], num_classes))
+
+
+class _MeanOver(nn.Module):
+    """Mean over fixed dimensions (tokens, or the spatial dimensions of images)."""
+
+    def __init__(self, dims: int | tuple[int, ...]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(self.dims)
+
+
+class LocalHeads(GuessSource):
+    r"""Guesses from local auxiliary classifiers: for hidden block b, gamma_b = d/dh_b of
+    sum_i CE(head_b(h_{b,i}), y_i); for the last block, the loss's own gradient there (exact).
+
+    Each head (:func:`head_for`: pooling plus one Linear) is built on the first step from the block's
+    output, with weights drawn from ``seed`` and the block's index, and trained by its local loss
+    (mean over the batch) with ``torch.optim.SGD(lr=lr, momentum=momentum)`` at every step, before the
+    network's own step. Cost per step: each head's forward and its local backward, about
+    2 B q_b C + 4 B C_b C multiply-adds (q_b the block's features, C_b its channels, C the classes),
+    small beside the network's passes.
+
+    Args:
+        num_classes: number of classes (or the vocabulary for token targets (B, T)).
+        lr, momentum: the heads' SGD.
+        seed: the heads' initial weights.
+        exact_output: guess the last block with the loss's exact local gradient (True) or with a head.
+
+    Example::
+
+        fg = ForwardGradient(16, perturbation="activity", guess=LocalHeads(10))
+        fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y, reduction="none"), targets=y)
+    """
+
+    def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
+                 exact_output: bool = True) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not lr > 0:
+            raise ValueError(f"the heads' lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"the heads' momentum must lie in [0, 1), got {momentum}")
+        self.num_classes, self.lr, self.momentum, self.seed = num_classes, lr, momentum, seed
+        self.exact_output = exact_output
+        self.heads: nn.ModuleDict | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict[str, Any] | None = None  # a state loaded before the heads were built
+
+    def _build(self, outputs: Sequence[torch.Tensor], targets: torch.Tensor, guessed: Sequence[int]) -> None:
+        heads = {}
+        for b in guessed:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, b))
+                heads[str(b)] = head_for(outputs[b], targets, self.num_classes)
+        self.heads = nn.ModuleDict(heads).to(device=outputs[0].device, dtype=outputs[0].dtype)
+        self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
+        if self._pending is not None:
+            self.load_state_dict(self._pending)
+
+    def guesses(self, outputs, targets, losses):
+        if not isinstance(targets, torch.Tensor) or targets.dim() not in (1, 2) or targets.is_floating_point():
+            got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else f"{targets.dtype} {tuple(targets.shape)}"
+            raise ValueError("LocalHeads needs the class targets of the batch, integer (B,) or tokens (B, T): "
+                             f"pass fill_grad(model, loss_fn, targets=y); got {got}")
+        last = len(outputs) - 1
+        hidden = [b for b, h in enumerate(outputs) if h.dim() >= 2 and h.shape[0] == targets.shape[0]
+                  and (b < last or not self.exact_output)]
+        if self.heads is None:
+            self._build(outputs, targets, hidden)
+        rows: list[torch.Tensor | None] = [None] * len(outputs)
+        assert self.heads is not None and self.optimizer is not None
+        with torch.enable_grad():
+            self.optimizer.zero_grad(set_to_none=True)
+            for b in hidden:
+                head = self.heads[str(b)]
+                point = outputs[b].detach().requires_grad_(True)
+                logits = head(point)
+                local = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum")
+                # one local backward: the guess (the gradient at the block's output) and the head's gradient
+                grads = torch.autograd.grad(local, [point, *head.parameters()])
+                rows[b] = grads[0]
+                for p, g in zip(head.parameters(), grads[1:], strict=True):
+                    p.grad = g / targets.numel()
+            if self.exact_output:
+                rows[last] = output_gradient(losses, outputs[last])
+        self.optimizer.step()
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.heads is None:
+            return dict(self._pending or {})
+        return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.heads is None:
+            self._pending = state
+            return
+        self.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._pending = None
