@@ -156,6 +156,13 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                         "lowrank (U V^T / sqrt(rank) per weight matrix) and input-span (right factors in the span "
                         "of each layer's inputs)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of lowrank / input-span tangents")
+    p.add_argument("--guess", default=None, choices=["local"],
+                   help="guessed tangents (activity): the first L of the k tangents are per-example guesses of the "
+                        "block outputs' gradients, from a small auxiliary head per hidden block and the loss's own "
+                        "gradient at the last (default lr: backprop's)")
+    p.add_argument("--per-example-tangents", action="store_true",
+                   help="independent random activity tangents per example, zero at inactive ReLU units")
+    p.add_argument("--head-lr", type=float, default=d.head_lr, help="SGD step size of the --guess local heads")
     _add_optimizer_option(p)
     if not tune:
         p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table for sgd)")
@@ -194,6 +201,7 @@ def _train(args: argparse.Namespace) -> None:
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
+        guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
     )
     communicator = None
     if args.distributed:
@@ -259,7 +267,8 @@ def _tune(args: argparse.Namespace) -> None:
                        perturbation=args.perturbation, sampler=args.sampler, rank=args.rank,
                        epochs=args.epochs, patience=args.patience,
                        batch_size=args.batch_size, seed=args.seed, device=args.device,
-                       tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer)
+                       tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, guess=args.guess,
+                       per_example_tangents=args.per_example_tangents, head_lr=args.head_lr)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
     out = prepare_out_dir(args.out)
     job = tune.TuneJob(tuple(settings), args.trials, out, args.storage or tune.default_storage(out), seed=args.seed,

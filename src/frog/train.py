@@ -28,6 +28,8 @@ from .distributed import Communicator
 from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from .errors import CheckpointError, NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
+from .example_tangents import EXAMPLE_KINDS
+from .guesses import LocalHeads
 from .lrs import model_row_name, network_lr, table_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
@@ -41,6 +43,7 @@ METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", 
 
 RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
 TRAIN_SAMPLERS = ("normal", "rademacher", *STRUCTURED)
+GUESSES = ("local",)  # LocalHeads: auxiliary heads on hidden blocks, the loss's own gradient on the last
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class TrainConfig:
     tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB
     optimizer: str = "sgd"
     lr_table: str | None = None
+    guess: str | None = None
+    per_example_tangents: bool = False
+    head_lr: float = 0.1
 
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it."""
@@ -92,12 +98,28 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
         check_strategy(self.optimizer)
+        if self.guess is not None and self.guess not in GUESSES:
+            raise ValueError(f"unknown guess {self.guess!r}; choose one of {', '.join(GUESSES)}")
+        if (self.guess is not None or self.per_example_tangents) and (
+                self.gradient == "bp" or self.perturbation != "activity" or self.sampler not in EXAMPLE_KINDS):
+            raise ValueError("--guess and --per-example-tangents shape activity tangents: use a forward-gradient "
+                             "--gradient with --perturbation activity and --sampler normal or rademacher")
+        if not self.head_lr > 0:
+            raise ValueError(f"--head-lr must be > 0, got {self.head_lr}")
         if self.lr is not None and self.lr_table is not None:
             raise ValueError("give --lr or --lr-table, not both")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"the learning rate must be > 0, got {self.lr}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+
+def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """The estimator's per-example and guess options of a run (none for the paper's protocol)."""
+    if config.gradient == "bp":
+        return {}
+    guess = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed) if config.guess == "local" else None
+    return {"per_example": config.per_example_tangents, "guess": guess}
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
@@ -110,6 +132,10 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
         lr = table_lr(config.lr_table, config.optimizer, model=model_row_name(config.model, config.width),
                       dataset=config.dataset, gradient_approach=config.gradient, k=k)
         note = f"table {config.lr_table}"
+    elif lr is None and config.optimizer == "sgd" and config.guess is not None:
+        # guesses give every block an estimate of about the gradient's length: backprop's step size fits
+        lr, note = network_lr(config.model, config.width, config.dataset, "bp", config.tangents)
+        note += " (backprop's: with guesses the estimates have the gradient's length)"
     elif lr is None and config.optimizer == "sgd":
         lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
     elif lr is None:
@@ -157,7 +183,7 @@ def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y, comm:
             per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
             return per_sample if estimator.perturbation == "activity" else per_sample.mean()
 
-        loss = estimator.fill_grad(model, losses)
+        loss = estimator.fill_grad(model, losses, targets=y)
         logits = captured[0] if captured else model(x).detach()
     take_step(optimizer, module_loss_at(model, (x,), lambda out: nn.functional.cross_entropy(out, y)))
     return loss.item() * len(y), int((logits.argmax(1) == y).sum())
@@ -206,7 +232,8 @@ def train(
                               perturbation=config.perturbation, communicator=comm,
                               tangents=config.sampler, rank=config.rank,
                               tangent_budget_mb=config.tangent_budget_mb,
-                              scale_correction=False)  # the paper's plain estimators
+                              scale_correction=False,  # the paper's plain estimators
+                              **example_options(config, data.num_classes))
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
     state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}

@@ -396,7 +396,7 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
                 config = replace(base, width=width, gradient=method, tangents=k or 1, lr=None, lr_table=None)
                 config.check()
                 try:
-                    guess = (network_lr(config.model, width, config.dataset, method, k)[0]
+                    guess = (network_lr(config.model, width, config.dataset, "bp" if config.guess else method, k)[0]
                              if config.optimizer == "sgd" else DEFAULT_LR[config.optimizer])
                 except ValueError:
                     guess = FALLBACK_GUESS
