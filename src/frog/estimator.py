@@ -146,7 +146,8 @@ class ForwardGradient:
         per_example: activity perturbation with independent tangents for every example (B x k per
             block, one k x k projection per example) instead of one set shared by the batch (SPEC 5).
         relu_mask: zero random activity tangents at inactive ReLU units (outputs exactly 0 that do not
-            reach the block's parameters); default: on with ``per_example`` (:mod:`frog.example_tangents`).
+            reach the block's parameters), guesses included; default: on with ``per_example`` or ``guess``
+            (:mod:`frog.example_tangents`).
         guess: a :class:`frog.guesses.GuessSource` (e.g. :class:`frog.guesses.LocalHeads`): its per-example
             guesses of the block outputs' gradients become the first L of the k activity tangents, the
             other k - L stay random; pass the batch's targets to :meth:`fill_grad`. The length correction
@@ -193,7 +194,7 @@ class ForwardGradient:
         if tangents == "input-span" and communicator is not None and communicator.mode == "data":
             raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
                              "distributed data mode: use the tangent mode (--distributed tangent) or tangents='lowrank'")
-        relu_mask = per_example if relu_mask is None else relu_mask
+        relu_mask = (per_example or guess is not None) if relu_mask is None else relu_mask
         if per_example or relu_mask or guess is not None:
             if perturbation != "activity":
                 raise ValueError("per_example, relu_mask and guess shape activity tangents: use perturbation='activity'")
@@ -227,9 +228,10 @@ class ForwardGradient:
         self._held = False  # within same_tangents(): the call counter stays put
 
     def __repr__(self) -> str:
+        guess_on = self.guess is not None
         extras = [f"rank={self.rank}"] if self.tangents in STRUCTURED else []
         extras += ["per_example=True"] if self.per_example else []
-        extras += [f"relu_mask={self.relu_mask}"] if self.relu_mask != self.per_example else []
+        extras += [f"relu_mask={self.relu_mask}"] if self.relu_mask != (self.per_example or guess_on) else []
         extras += [f"guess={type(self.guess).__name__}"] if self.guess is not None else []
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "

@@ -118,12 +118,14 @@ def example_plan(
         drawn = random.block(b) if random is not None else rows[first:]  # shared (k - L, *f) or (k - L, B, *f)
         if isinstance(layout, PerExample):
             rows[first:] = drawn if per_example else drawn.unsqueeze(1)
-            if masks[b] is not None:
-                rows[first:] *= masks[b]
             if b in guessed:
                 guess = guesses[b].detach().to(rows.dtype)
+                if masks[b] is not None:
+                    guess = guess * masks[b]
                 norms = guess.flatten(1).norm(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
                 rows[guessed.index(b)] = guess / norms.reshape(-1, *[1] * (guess.dim() - 1))
+            if masks[b] is not None:
+                rows[first:] *= masks[b]
         else:
             rows[first:] = drawn
         plan.give(b, rows)
