@@ -561,7 +561,7 @@ class ForwardGradient:
         random = None
         if drawn > 0:  # the random rows: this step's seed, as any plan
             batch = losses.shape[0]
-            shapes = [f if s or not self.per_example else torch.Size((batch, *f)) for f, s in zip(features, shared)]
+            shapes = [f if s or not self.per_example else torch.Size((batch, *f)) for f, s in zip(features, shared, strict=True)]
             random = TangentPlan(self.tangents, drawn, shapes, seed=self.seed, step=self.step, device=outputs[0].device,
                                  dtype=outputs[0].dtype)
         return example_plan(random, self.num_tangents, features, outputs, shared, per_example=self.per_example,

@@ -115,9 +115,10 @@ def example_plan(
                        cache=True, track_gram=track_gram, layouts=layouts)
     for b, layout in enumerate(layouts):
         rows = torch.zeros(k, *layout.stored, device=like.device, dtype=like.dtype)
-        drawn = random.block(b) if random is not None else rows[first:]  # shared (k - L, *f) or (k - L, B, *f)
+        if random is not None:  # shared (k - L, *f), or (k - L, B, *f) per example
+            drawn = random.block(b)
+            rows[first:] = drawn if per_example or not isinstance(layout, PerExample) else drawn.unsqueeze(1)
         if isinstance(layout, PerExample):
-            rows[first:] = drawn if per_example else drawn.unsqueeze(1)
             if b in guessed:
                 guess = guesses[b].detach().to(rows.dtype)
                 if masks[b] is not None:
@@ -126,7 +127,5 @@ def example_plan(
                 rows[guessed.index(b)] = guess / norms.reshape(-1, *[1] * (guess.dim() - 1))
             if masks[b] is not None:
                 rows[first:] *= masks[b]
-        else:
-            rows[first:] = drawn
         plan.give(b, rows)
     return plan

@@ -54,7 +54,10 @@ class GuessSource(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output (a source without state accepts only an empty one)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint has {sorted(state)}: "
+                             "resume with the guess source that wrote it")
 
 
 def output_gradient(losses: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
