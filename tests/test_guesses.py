@@ -224,6 +224,6 @@ def test_cli_guess_and_per_example_in_true_forward_mode(tmp_path, capsys):
     assert main(args) == 0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config"]["guess"] == "local" and config["config"]["per_example_tangents"]
-    assert "backprop's" in config["lr_source"]
+    assert "backprop's" in config["lr_source"]  # frog's guesses.csv has no fc_w=256 digits row
     assert main(["train", "--gradient", "bp", "--guess", "local", "--out", str(tmp_path / "bp")]) == 2
     assert "--guess and --per-example-tangents shape activity tangents" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-TABLES = ("math", "math__custom_tangents", "fc_nns", "sota_nns")
+TABLES = ("math", "math__custom_tangents", "fc_nns", "sota_nns", "guesses")  # guesses: frog's own tunes
 
 
 @cache
@@ -101,6 +101,20 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
     if table_dataset != dataset:
         note += f" (the paper has no {dataset} row: using its MNIST row)"
     return lr, note
+
+
+def guess_lr(model: str, width: int, dataset: str, method: str, k: int) -> tuple[float, str]:
+    """Step size with guessed tangents (``--guess``): frog's own tuned table ``guesses.csv`` (its ``source``
+    column holds the tune's command), else backprop's paper step size, since guesses give estimates of
+    about the gradient's length (SPEC 5)."""
+    row_model = model_row_name(model, width)
+    try:
+        lr = _find(load_table("guesses"), "guesses.csv", "", model=row_model, dataset=dataset,
+                   gradient_approach=method, k=k)
+        return lr, f"frog's guesses.csv, {row_model}, {dataset}, {method}, k={k} (frog tune train)"
+    except ValueError:
+        lr, note = network_lr(model, width, dataset, "bp", k)
+        return lr, f"{note} (backprop's: with guesses the estimates have about the gradient's length; tune it)"
 
 
 def model_row_name(model: str, width: int) -> str:

@@ -30,7 +30,7 @@ from .errors import CheckpointError, NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .example_tangents import EXAMPLE_KINDS
 from .guesses import LocalHeads
-from .lrs import model_row_name, network_lr, table_lr
+from .lrs import guess_lr, model_row_name, network_lr, table_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
@@ -133,9 +133,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
                       dataset=config.dataset, gradient_approach=config.gradient, k=k)
         note = f"table {config.lr_table}"
     elif lr is None and config.optimizer == "sgd" and config.guess is not None:
-        # guesses give every block an estimate of about the gradient's length: backprop's step size fits
-        lr, note = network_lr(config.model, config.width, config.dataset, "bp", config.tangents)
-        note += " (backprop's: with guesses the estimates have the gradient's length)"
+        lr, note = guess_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
     elif lr is None and config.optimizer == "sgd":
         lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
     elif lr is None:

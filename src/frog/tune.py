@@ -386,7 +386,7 @@ def optimize_settings(
 
 def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[str], tangents: Sequence[int]) -> list[Setting]:
     """One setting per (width, method, k) of the network ``base`` describes (bp once per width)."""
-    from .lrs import model_row_name, network_lr
+    from .lrs import guess_lr, model_row_name, network_lr
     from .strategies import DEFAULT_LR
 
     settings = []
@@ -396,7 +396,8 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
                 config = replace(base, width=width, gradient=method, tangents=k or 1, lr=None, lr_table=None)
                 config.check()
                 try:
-                    guess = (network_lr(config.model, width, config.dataset, "bp" if config.guess else method, k)[0]
+                    table = guess_lr if config.guess else network_lr
+                    guess = (table(config.model, width, config.dataset, method, k)[0]
                              if config.optimizer == "sgd" else DEFAULT_LR[config.optimizer])
                 except ValueError:
                     guess = FALLBACK_GUESS
