@@ -18,6 +18,11 @@ the jvp FLOPs over the step time minus generation + Gram), and a final JSON line
                                  [--engines jvp loop sim fd] [--repeats 3] [--threads N] [--device cpu|cuda]
                                  [--no-fused-batchnorm]
 
+Activity perturbation also comes as ``activity-per-example`` (independent, ReLU-masked tangents per
+example), ``activity-guess`` (the first L tangents guessed by frog.guesses.LocalHeads, inside k) and
+``activity-guess-per-example`` (both): pass them to --perturbations. Their generation share is that of
+shared activity tangents (the FLOP model counts the same passes: guesses are tangents inside k).
+
 With --no-fused-batchnorm the forward-mode engines (jvp, loop) are also timed without frog's fused
 BatchNorm jvp rule (``frog.batchnorm.FUSED`` off: PyTorch's op-by-op jvp of train-mode BatchNorm), as
 extra columns ``jvp-unfused`` / ``loop-unfused`` beside the fused ones, for a before/after in one run.
@@ -40,12 +45,19 @@ from torch import nn
 
 import frog
 import frog.batchnorm
+import frog.guesses
 import frog.models
 
 LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 GPT_VOCAB = 96
 IMAGE_SHAPE, IMAGE_CLASSES = (1, 28, 28), 10  # Fashion-MNIST, for resnet18 and vit
 DEFAULT_BATCH = {"mlp": 64, "gpt": 32, "resnet18": 64, "vit": 64}
+ACTIVITY_VARIANTS = {  # --perturbations name -> ForwardGradient options (SPEC 5)
+    "activity": {},
+    "activity-per-example": {"per_example": True},
+    "activity-guess": {"guess": True},
+    "activity-guess-per-example": {"per_example": True, "guess": True},
+}
 UNFUSED = "-unfused"  # engine name suffix: that engine with PyTorch's BatchNorm jvp (frog.batchnorm.FUSED off)
 
 
@@ -69,9 +81,9 @@ def make_model(device: str) -> nn.Module:
 
 
 def workload(name: str, batch: int, device: str):
-    """``(model, x, losses, description)`` of benchmark model ``name``: ``losses(m, reduction)`` is the
-    cross-entropy of model m on the random batch x, per sample (B,) or per token (B, 64) with
-    reduction "none"."""
+    """``(model, x, y, losses, description)`` of benchmark model ``name``: ``losses(m, reduction)`` is the
+    cross-entropy of model m on the random batch x with targets y, per sample (B,) or per token (B, 64)
+    with reduction "none"."""
     if name == "gpt":  # characters (B, 64) and their successors
         model = make_gpt(device)
         x = torch.randint(0, GPT_VOCAB, (batch, 64), device=device)
@@ -80,7 +92,7 @@ def workload(name: str, batch: int, device: str):
         def losses(m: nn.Module, reduction: str) -> torch.Tensor:
             return nn.functional.cross_entropy(m(x)[0].transpose(1, 2), y, reduction=reduction)
 
-        return model, x, losses, f"GPT (examples/char_gpt.py), batch {batch} x 64 characters"
+        return model, x, y, losses, f"GPT (examples/char_gpt.py), batch {batch} x 64 characters"
     if name == "mlp":
         model, x = make_model(device), torch.randn(batch, 784, device=device)
         description = f"MLP 784-1024-1024-10, batch {batch}"
@@ -94,7 +106,7 @@ def workload(name: str, batch: int, device: str):
     def losses(m: nn.Module, reduction: str) -> torch.Tensor:
         return nn.functional.cross_entropy(m(x), y, reduction=reduction)
 
-    return model, x, losses, description
+    return model, x, y, losses, description
 
 
 def sync(device: str) -> None:
@@ -160,7 +172,8 @@ def main() -> None:
     if args.no_fused_batchnorm:  # each forward-mode engine, then itself without the fused rule
         args.engines = [name for e in args.engines for name in ([e, e + UNFUSED] if e in ("jvp", "loop") else [e])]
     args.batch = args.batch or DEFAULT_BATCH[args.model]
-    model, x, losses, model_name = workload(args.model, args.batch, device)
+    model, x, y, losses, model_name = workload(args.model, args.batch, device)
+    classes = GPT_VOCAB if args.model == "gpt" else IMAGE_CLASSES
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def backprop_step() -> None:
@@ -171,14 +184,18 @@ def main() -> None:
     def engine_step(name: str, k: int, perturbation: str, sampler: str):
         rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
         engine, fused = name.removesuffix(UNFUSED), not name.endswith(UNFUSED)
-        estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation,
-                                         tangent_budget_mb=args.tangent_budget_mb, tangents=sampler, rank=rank)
-        reduction = "none" if perturbation == "activity" else "mean"
+        options = dict(ACTIVITY_VARIANTS.get(perturbation, {}))
+        if options.get("guess"):
+            options["guess"] = frog.guesses.LocalHeads(classes)
+        estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation.split("-")[0],
+                                         tangent_budget_mb=args.tangent_budget_mb, tangents=sampler, rank=rank,
+                                         **options)
+        reduction = "none" if perturbation.startswith("activity") else "mean"
 
         def step() -> None:
             frog.batchnorm.FUSED = fused
             try:
-                estimator.fill_grad(model, lambda m: losses(m, reduction))
+                estimator.fill_grad(model, lambda m: losses(m, reduction), targets=y)
             finally:
                 frog.batchnorm.FUSED = True
             optimizer.step()
@@ -187,7 +204,7 @@ def main() -> None:
 
     block_shapes = {  # what the tangents of a step cover: parameter tensors, or block outputs (features)
         "weight": [p.shape for p in model.parameters()],
-        "activity": [torch.Size((fan_out,)) for _, fan_out in LAYERS],
+        **{variant: [torch.Size((fan_out,)) for _, fan_out in LAYERS] for variant in ACTIVITY_VARIANTS},
     }
 
     def tangents_and_gram(k: int, perturbation: str, sampler: str):
@@ -209,10 +226,10 @@ def main() -> None:
     extra = f"{'jvp/sim':>10}" if not flops else \
         f"{'loop/jvp':>10}{'jvp GFLOP/s':>13}{'% matmul':>10}{'gen+gram %':>12}{'rest %mm':>12}"
     widths = {e: max(11, len(e) + 4) for e in args.engines}
-    print(f"{'perturbation':<20}{'k':>4}" + "".join(f"{e + ' ms':>{widths[e]}}{'x bp':>7}" for e in args.engines) + extra)
+    print(f"{'perturbation':<28}{'k':>4}" + "".join(f"{e + ' ms':>{widths[e]}}{'x bp':>7}" for e in args.engines) + extra)
     settings = [(p, s) for p in args.perturbations for s in (args.samplers if p == "weight" else ["normal"])]
     for perturbation, sampler in settings:
-        label = perturbation if perturbation == "activity" else f"weight/{sampler}"
+        label = perturbation if perturbation.startswith("activity") else f"weight/{sampler}"
         for k in args.ks:
             times = {e: median_time(engine_step(e, k, perturbation, sampler), args.repeats, device)
                      for e in args.engines}
@@ -221,7 +238,7 @@ def main() -> None:
             row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
-            line = f"{label:<20}{k:>4}" + "".join(f"{t * 1e3:>{widths[e]}.1f}{t / backprop:>7.1f}" for e, t in times.items())
+            line = f"{label:<28}{k:>4}" + "".join(f"{t * 1e3:>{widths[e]}.1f}{t / backprop:>7.1f}" for e, t in times.items())
             if not flops and "jvp" in times and "sim" in times:
                 row["jvp_over_sim"] = times["jvp"] / times["sim"]
                 line += f"{row['jvp_over_sim']:>10.2f}"

@@ -10,6 +10,7 @@ from .engines import ENGINES
 from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
 from .functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
+from .guesses import GuessSource, LocalHeads
 from .tangents import KINDS, TangentPlan, sample_tangents
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "CheckpointError",
     "ForwardGradient",
     "ForwardModeError",
+    "GuessSource",
+    "LocalHeads",
     "NonFiniteError",
     "TangentPlan",
     "aggregate",

@@ -9,7 +9,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-TABLES = ("math", "math__custom_tangents", "fc_nns", "sota_nns", "guesses")  # guesses: frog's own tunes
+TABLES = ("math", "math__custom_tangents", "fc_nns", "sota_nns", "tuned")  # tuned: frog's own, for its estimators
 
 
 @cache
@@ -103,18 +103,24 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
     return lr, note
 
 
-def guess_lr(model: str, width: int, dataset: str, method: str, k: int) -> tuple[float, str]:
-    """Step size with guessed tangents (``--guess``): frog's own tuned table ``guesses.csv`` (its ``source``
-    column holds the tune's command), else backprop's paper step size, since guesses give estimates of
-    about the gradient's length (SPEC 5)."""
+def variant_lr(model: str, width: int, dataset: str, method: str, k: int, variant: str) -> tuple[float, str]:
+    """Step size of an estimator the paper has no row for (``variant``: ``guess``, ``per-example`` or
+    ``guess+per-example``, SPEC 5): frog's own table ``tuned.csv`` (its ``source`` column holds the
+    tune's command; ``guess+per-example`` falls back to the ``guess`` row), else backprop's paper step
+    size with guesses (they give estimates of about the gradient's length) or the paper's own row."""
     row_model = model_row_name(model, width)
-    try:
-        lr = _find(load_table("guesses"), "guesses.csv", "", model=row_model, dataset=dataset,
-                   gradient_approach=method, k=k)
-        return lr, f"frog's guesses.csv, {row_model}, {dataset}, {method}, k={k} (frog tune train)"
-    except ValueError:
+    for row_variant in dict.fromkeys([variant, "guess" if "guess" in variant else variant]):
+        try:
+            lr = _find(load_table("tuned"), "tuned.csv", "", model=row_model, dataset=dataset,
+                       gradient_approach=method, k=k, variant=row_variant)
+            return lr, f"frog's tuned.csv, {row_model}, {dataset}, {method}, k={k}, {row_variant} (frog tune train)"
+        except ValueError:
+            pass
+    if "guess" in variant:
         lr, note = network_lr(model, width, dataset, "bp", k)
         return lr, f"{note} (backprop's: with guesses the estimates have about the gradient's length; tune it)"
+    lr, note = network_lr(model, width, dataset, method, k)
+    return lr, f"{note} (tuned for shared tangents; tune it)"
 
 
 def model_row_name(model: str, width: int) -> str:

@@ -30,7 +30,7 @@ from .errors import CheckpointError, NonFiniteError
 from .estimator import PERTURBATIONS, ForwardGradient
 from .example_tangents import EXAMPLE_KINDS
 from .guesses import LocalHeads
-from .lrs import guess_lr, model_row_name, network_lr, table_lr
+from .lrs import model_row_name, network_lr, table_lr, variant_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
@@ -72,6 +72,11 @@ class TrainConfig:
     guess: str | None = None
     per_example_tangents: bool = False
     head_lr: float = 0.1
+
+    @property
+    def variant(self) -> str:
+        """The activity tangents beyond the paper's ("guess", "per-example", "guess+per-example"), or ""."""
+        return "+".join(name for name, on in (("guess", self.guess), ("per-example", self.per_example_tangents)) if on)
 
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it."""
@@ -132,8 +137,9 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
         lr = table_lr(config.lr_table, config.optimizer, model=model_row_name(config.model, config.width),
                       dataset=config.dataset, gradient_approach=config.gradient, k=k)
         note = f"table {config.lr_table}"
-    elif lr is None and config.optimizer == "sgd" and config.guess is not None:
-        lr, note = guess_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
+    elif lr is None and config.optimizer == "sgd" and config.variant:
+        lr, note = variant_lr(config.model, config.width, config.dataset, config.gradient, config.tangents,
+                              config.variant)
     elif lr is None and config.optimizer == "sgd":
         lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
     elif lr is None:

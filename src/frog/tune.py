@@ -32,6 +32,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -386,7 +387,7 @@ def optimize_settings(
 
 def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[str], tangents: Sequence[int]) -> list[Setting]:
     """One setting per (width, method, k) of the network ``base`` describes (bp once per width)."""
-    from .lrs import guess_lr, model_row_name, network_lr
+    from .lrs import model_row_name, network_lr, variant_lr
     from .strategies import DEFAULT_LR
 
     settings = []
@@ -396,7 +397,7 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
                 config = replace(base, width=width, gradient=method, tangents=k or 1, lr=None, lr_table=None)
                 config.check()
                 try:
-                    table = guess_lr if config.guess else network_lr
+                    table = partial(variant_lr, variant=config.variant) if config.variant else network_lr
                     guess = (table(config.model, width, config.dataset, method, k)[0]
                              if config.optimizer == "sgd" else DEFAULT_LR[config.optimizer])
                 except ValueError:
