@@ -6,7 +6,7 @@ result), skipping rows whose run already finished, so an interrupted table resum
 epochs, test accuracy, seconds per epoch, ratio to backprop's seconds per epoch, lr and where it came
 from, command) and prints it as a Markdown table.
 
-    python benchmarks/gap.py [--networks fc256 fc1024 resnet18 vit] [--out runs/gap] [--threads 2]
+    python benchmarks/gap.py [--networks fc256 fc1024 resnet18 vit] [--rows NAME ...] [--out runs/gap] [--threads 2]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def finished(out: Path, epochs: int) -> list[dict[str, str]] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
-    parser.add_argument("--rows", nargs="+", default=None, help="only rows whose name contains one of these")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (by name; backprop too, for the ratio)")
     parser.add_argument("--out", default="runs/gap")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--data-dir", default=None)
@@ -67,8 +67,7 @@ def main() -> None:
         model, epochs = NETWORKS[network]
         backprop_seconds = None
         for row, options, only in ROWS:
-            if (only and network not in only) or (args.rows and row != "backprop"
-                                                   and not any(r in row for r in args.rows)):
+            if (only and network not in only) or (args.rows and row not in args.rows):
                 continue
             run_dir = out / network / row.replace(" ", "_").replace(",", "").replace(":", "").replace("(", "") \
                 .replace(")", "").replace("=", "")
@@ -80,7 +79,10 @@ def main() -> None:
             if rows is None:
                 print("$ " + shlex.join(command), flush=True)
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                subprocess.run([frog, *command[1:], "--resume"], env=env, check=False, stdout=subprocess.DEVNULL)
+                ran = subprocess.run([frog, *command[1:], "--resume"], env=env, check=False, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+                if ran.returncode != 0:
+                    print(ran.stderr.strip().splitlines()[-1] if ran.stderr.strip() else f"exit {ran.returncode}")
                 rows = finished(run_dir, epochs)
             if rows is None:
                 print(f"  {network} / {row}: did not finish", flush=True)
