@@ -1,10 +1,11 @@
 # make run: create .venv, install frog (CPU torch pinned) and run the main job.
 # make test: same install, then the test suite.
+# make docs: same install plus the docs extra, then the documentation site (strict) into build/site.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench fashion-mnist
+.PHONY: install run test bench docs fashion-mnist
 
 $(BIN)/.frog-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +31,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/engines.py
+
+# mkdocs.yml, pages in docs/; --strict turns every warning (a broken link or anchor, a docstring
+# griffe cannot read) into an error. NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2.
+docs: install
+	$(BIN)/pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
