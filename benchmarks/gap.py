@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -42,12 +43,15 @@ COLUMNS = ["network", "row", "epochs", "test_accuracy", "seconds_per_epoch", "ov
 
 
 def finished(out: Path, epochs: int) -> list[dict[str, str]] | None:
-    """The metric rows of a run in ``out`` that reached ``epochs`` epochs (or stopped early), else None."""
+    """The metric rows of a run in ``out`` that reached ``epochs`` epochs or stopped (diverged, or a
+    non-finite validation loss), else None."""
     metrics = out / "metrics.csv"
     if not metrics.exists():
         return None
     rows = list(csv.DictReader(metrics.open()))
-    done = rows and (int(rows[-1]["epoch"]) >= epochs or rows[-1]["diverged"] == "True")
+    last = rows[-1] if rows else None
+    done = last and (int(last["epoch"]) >= epochs or last["diverged"] == "True"
+                     or not math.isfinite(float(last["val_loss"])))  # the run stopped there
     return rows if done else None
 
 
