@@ -9,9 +9,9 @@ from .aggregation import METHODS, aggregate, coefficients, combine, scale_correc
 from .engines import ENGINES
 from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
-from .functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 from .guesses import GuessSource, LocalHeads
 from .tangents import KINDS, TangentPlan, sample_tangents
+from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 
 __version__ = "0.1.0"
 

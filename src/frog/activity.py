@@ -14,7 +14,7 @@ Which modules are blocks (:func:`blocks_of`, shown by :func:`describe_blocks`):
 
 - ``blocks=[...]`` when given;
 - the children of an ``nn.Sequential`` that own trainable parameters (the paper's networks,
-  :mod:`frog.models`);
+  :mod:`frog.training.models`);
 - otherwise found automatically: the model's children that own trainable parameters, in order,
   with containers opened: an ``nn.ModuleList`` / ``nn.ModuleDict`` always (they are never called
   themselves), an ``nn.Sequential`` when it is a list of at least two modules of one class (a stack

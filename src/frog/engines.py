@@ -35,11 +35,11 @@ import torch
 from torch.func import jvp, vmap
 
 from . import layers
-from .attention import forward_mode_attention
-from .batchnorm import forward_mode_batch_norm
 from .errors import ForwardModeError
+from .forward_mode.attention import forward_mode_attention
+from .forward_mode.batchnorm import forward_mode_batch_norm
+from .forward_mode.plain_kernels import forward_mode_kernels
 from .layers import Users
-from .plain_kernels import forward_mode_kernels
 from .tangents import TangentPlan
 
 Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -93,10 +93,11 @@ def _device(primals: dict[str, torch.Tensor]) -> torch.device:
 @contextmanager
 def forward_mode_rules() -> Iterator[None]:
     """frog's own forward-mode rules, routed while the ``jvp`` and ``loop`` engines run:
-    ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to :mod:`frog.attention`,
-    train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`, and the
-    kernels whose forward mode is missing or differs from autograd (oneDNN/cuDNN RNNs, weight norm,
-    EmbeddingBag, Embedding's padding row, CTC loss) to :mod:`frog.plain_kernels`."""
+    ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to
+    :mod:`frog.forward_mode.attention`, train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by
+    op) to :mod:`frog.forward_mode.batchnorm`, and the kernels whose forward mode is missing or differs
+    from autograd (oneDNN/cuDNN RNNs, weight norm, EmbeddingBag, Embedding's padding row, CTC loss) to
+    :mod:`frog.forward_mode.plain_kernels`."""
     with forward_mode_attention(), forward_mode_batch_norm(), forward_mode_kernels():
         yield
 

@@ -36,10 +36,10 @@ from .engines import (
 )
 from .errors import NonFiniteError
 from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
+from .forward_mode.masks import same_masks
+from .forward_mode.plain_kernels import plain_checkpoints
 from .guesses import GuessSource
 from .layers import Users
-from .masks import same_masks
-from .plain_kernels import plain_checkpoints
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")

@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from ..quality import approximation_quality, mean_and_ci
-from ..results import CsvLog, text
 from ..tangents import check_kind, sample_tangents
+from ..training.results import CsvLog, text
 
 COLUMNS = ["n", "k", "method", "normalized", "cosine_mean", "cosine_ci", "norm_ratio_mean", "norm_ratio_ci",
            "angle", "samples", "sampler", "true_gradient", "seed"]

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import load_dataset, subset
-from ..train import TrainConfig, train
+from ..training.data import load_dataset, subset
+from ..training.train import TrainConfig, train
 
 SUMMARY_COLUMNS = ["dataset", "model", "width", "method", "k", "seed", "epochs", "best_epoch", "best_val_accuracy",
                    "test_accuracy", "seconds_per_epoch"]
@@ -22,7 +22,7 @@ class NetworkRuns:
 
     ``widths`` are the hidden widths of ``fc`` (other models have one size: give ``[None]``).
     ``images``: train and evaluate on the first this many images of each split (a quick check that
-    the runs work; None: all). The step size is the paper's (:func:`frog.lrs.network_lr`), the
+    the runs work; None: all). The step size is the paper's (:func:`frog.training.lrs.network_lr`), the
     perturbation ``frog train``'s default (activity, as the paper)."""
 
     datasets: Sequence[str]

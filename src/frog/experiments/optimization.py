@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..functions import get_function
-from ..lrs import math_lr, table_lr
-from ..methods import check_method_name, estimator_for
-from ..optimize import DescentResult, gradient_descent
-from ..results import CsvLog, text
-from ..strategies import DEFAULT_LR, check_strategy
 from ..tangents import check_kind
+from ..training.functions import get_function
+from ..training.lrs import math_lr, table_lr
+from ..training.methods import check_method_name, estimator_for
+from ..training.optimize import DescentResult, gradient_descent
+from ..training.results import CsvLog, text
+from ..training.strategies import DEFAULT_LR, check_strategy
 
 COLUMNS = ["function", "n", "method", "k", "seed", "lr", "best_value", "final_value", "steps", "diverged",
            "engine", "sampler", "angle", "optimizer", "extra_forward_passes_per_step"]
@@ -53,7 +53,7 @@ def step_size(
     lr_table: str | Path | None = None,
 ) -> float:
     """The step size of a run: from ``lr_table`` when given, else the paper's table for ``sgd``,
-    else the strategy's default (:data:`frog.strategies.DEFAULT_LR`)."""
+    else the strategy's default (:data:`frog.training.strategies.DEFAULT_LR`)."""
     k = None if method == "bp" else k
     if lr_table is not None:
         return table_lr(lr_table, optimizer, function=function, n=n, gradient_approach=method, k=k, angle=angle)
@@ -142,7 +142,7 @@ def descend(
     run: Run, *, engine: str = "jvp", steps: int | None = None, on_step: Callable[[int, float], None] | None = None
 ) -> DescentResult:
     """One run: descent on its function from the paper's start, ``steps`` steps (default: the
-    function's budget); ``on_step(t, best)`` as in :func:`frog.optimize.gradient_descent`."""
+    function's budget); ``on_step(t, best)`` as in :func:`frog.training.optimize.gradient_descent`."""
     function = get_function(run.function)
     options = {"engine": engine, "seed": run.seed, "scale_correction": False}  # the paper's plain estimators
     if run.angle is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PLAIN = (str, int, float, bool, type(None))  # exactly these types: e.g. numpy.float64, a float subclass, is not
 CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
@@ -59,7 +59,7 @@ def load(path: Path, map_location: torch.device | str | None = None) -> dict[str
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain values (not written by this frog, or damaged); "
             f"frog does not unpickle them, since that could run code. Either {restart}, or, only if you trust "
-            f"the file, convert it once: python -c \"from frog.checkpoints import convert; convert('{path}')\""
+            f"the file, convert it once: python -c \"from frog.training.checkpoints import convert; convert('{path}')\""
         ) from None
     except (RuntimeError, EOFError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}); {restart}") from None

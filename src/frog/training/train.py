@@ -5,7 +5,7 @@ the validation loss. Every epoch appends a row to ``metrics.csv`` and then write
 ``resume=True`` continues from the checkpoint with the same numbers as an uninterrupted run (the
 data order of epoch e and the tangents of step t depend only on the seed, e and t; the global torch
 random state is restored too). Checkpoints hold tensors and plain values only and are read with
-``weights_only=True`` (:mod:`frog.checkpoints`): a checkpoint cannot run code.
+``weights_only=True`` (:mod:`frog.training.checkpoints`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..distributed import Communicator
+from ..engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
+from ..errors import CheckpointError, NonFiniteError
+from ..estimator import PERTURBATIONS, ForwardGradient
+from ..example_tangents import EXAMPLE_KINDS
+from ..guesses import LocalHeads
+from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
-from .distributed import Communicator
-from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
-from .errors import CheckpointError, NonFiniteError
-from .estimator import PERTURBATIONS, ForwardGradient
-from .example_tangents import EXAMPLE_KINDS
-from .guesses import LocalHeads
 from .lrs import model_row_name, network_lr, table_lr, variant_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, read_csv, write_csv
 from .strategies import DEFAULT_LR, check_strategy, extra_forward_passes, make_optimizer, module_loss_at, take_step
-from .tangents import STRUCTURED, check_rank, derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
            "seconds", "lr", "steps", "diverged", "comm_bytes_per_step", "extra_forward_passes_per_step"]

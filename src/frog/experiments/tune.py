@@ -39,9 +39,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .results import read_csv, write_csv
-from .tangents import derive_seed
-from .train import TrainConfig
+from ..tangents import derive_seed
+from ..training.results import read_csv, write_csv
+from ..training.train import TrainConfig
 
 # trials.csv / lrs.csv columns that name a setting, per kind
 SETTING_COLUMNS = {
@@ -342,7 +342,7 @@ def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False)
     _atomic(job.out_dir / "trials.csv", lambda p: write_csv(p, [*columns, *TRIAL_COLUMNS], trials))
     _atomic(job.out_dir / "lrs.csv", lambda p: write_csv(p, table_columns, best))
     if plot:
-        from .plots import plot_tune
+        from ..training.plots import plot_tune
 
         _atomic(job.out_dir / "tune.png", lambda p: plot_tune({n: _cache[(job.storage, n)] for n in names}, p))
     return best
@@ -371,7 +371,7 @@ def optimize_settings(
     seeds: Sequence[int], steps: int | None, engine: str, optimizer: str, angles: Sequence[float] | None,
 ) -> list[Setting]:
     """One setting per (function, n, method, k, angle), as ``frog optimize`` would run them."""
-    from .experiments.optimization import plan_runs, step_size
+    from .optimization import plan_runs, step_size
 
     settings = []
     for run in plan_runs(functions, dims, tangents, methods, [0], 1.0, angles, optimizer=optimizer):
@@ -387,8 +387,8 @@ def optimize_settings(
 
 def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[str], tangents: Sequence[int]) -> list[Setting]:
     """One setting per (width, method, k) of the network ``base`` describes (bp once per width)."""
-    from .lrs import model_row_name, network_lr, variant_lr
-    from .strategies import DEFAULT_LR
+    from ..training.lrs import model_row_name, network_lr, variant_lr
+    from ..training.strategies import DEFAULT_LR
 
     settings = []
     for width in widths:
@@ -412,8 +412,8 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
 
 def optimize_objective(job: TuneJob, setting: Setting, lr: float, report, trial) -> float:
     """Mean over the seeds of the best value of the run (:func:`frog.experiments.optimization.descend`)."""
-    from .experiments.optimization import Run, descend
-    from .functions import get_function
+    from ..training.functions import get_function
+    from .optimization import Run, descend
 
     key, options = setting.key, setting.options
     steps = options["steps"] or get_function(key["function"]).steps
@@ -437,9 +437,9 @@ _datasets: dict[tuple[str, str | None], Any] = {}
 
 
 def train_objective(job: TuneJob, setting: Setting, lr: float, report, trial) -> float:
-    """Best validation loss of a training run at ``lr`` (:func:`frog.train.train`, resumable)."""
-    from .data import load_dataset
-    from .train import train
+    """Best validation loss of a training run at ``lr`` (:func:`frog.training.train.train`, resumable)."""
+    from ..training.data import load_dataset
+    from ..training.train import train
 
     config = TrainConfig(**setting.options, lr=lr, data_dir=job.data_dir)
     where = (config.dataset, config.data_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .estimator import ForwardGradient
+from ..estimator import ForwardGradient
 
 AGGREGATION_OF = {"fg-mean": "mean", "fg-sum": "sum", "frog": "project"}
 METHOD_NAMES = ("bp", *AGGREGATION_OF)

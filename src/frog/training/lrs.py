@@ -1,4 +1,4 @@
-"""Step-size tables: the paper's, shipped as package data (``frog/lrs/*.csv``), and tuned ones
+"""Step-size tables: the paper's, shipped as package data (``frog/training/lrs/*.csv``), and tuned ones
 (``frog tune`` writes ``lrs.csv`` in the same format; ``--lr-table PATH`` reads it)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def load_table(name: str) -> tuple[dict[str, str], ...]:
     """Rows of the table ``name`` (one of TABLES) as dicts of strings."""
     if name not in TABLES:
         raise ValueError(f"unknown learning-rate table {name!r}; choose one of {', '.join(TABLES)}")
-    with resources.files("frog").joinpath("lrs", f"{name}.csv").open(newline="") as handle:
+    with resources.files("frog.training").joinpath("lrs", f"{name}.csv").open(newline="") as handle:
         return tuple(csv.DictReader(handle))
 
 
