@@ -13,7 +13,7 @@ from .guesses import GuessSource, LocalHeads
 from .tangents import KINDS, TangentPlan, sample_tangents
 from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place; pyproject.toml reads it, CHANGELOG.md says what changed
 
 __all__ = [
     "ENGINES",
