@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .distributed import DistributedError
 from .engines import ENGINES
@@ -139,7 +140,7 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     from .training.train import TRAIN_SAMPLERS, TrainConfig
 
     d = TrainConfig()
-    several = {"nargs": "+"} if tune else {}
+    several: dict[str, Any] = {"nargs": "+"} if tune else {}
     p.add_argument("--model", default=d.model, help="fc, conv, resnet18 or vit")
     p.add_argument("--width", type=int, default=[d.width] if tune else d.width, help="hidden width of the fc model",
                    **several)

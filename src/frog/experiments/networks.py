@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.data import load_dataset, subset
+from ..training.results import Row
 from ..training.train import TrainConfig, train
 
 SUMMARY_COLUMNS = ["dataset", "model", "width", "method", "k", "seed", "epochs", "best_epoch", "best_val_accuracy",
@@ -42,7 +43,7 @@ class NetworkRuns:
                 + (f"_n{self.images}" if self.images else ""))
 
 
-def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = print) -> list[dict[str, object]]:
+def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = print) -> list[Row]:
     """Train each combination into ``out/<runs.folder(...)>`` (resumable) and return one summary row
     each: test accuracy at the epoch of best validation accuracy."""
     summary = []

@@ -40,7 +40,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..tangents import derive_seed
-from ..training.results import read_csv, write_csv
+from ..training.results import Row, read_csv, write_csv
 from ..training.train import TrainConfig
 
 # trials.csv / lrs.csv columns that name a setting, per kind
@@ -146,7 +146,7 @@ def prepare(job: TuneJob) -> None:
                              f"({'; '.join(diff)}); use another --out or --storage")
 
 
-def run(job: TuneJob, log: Callable[[str], None] = print) -> list[dict[str, object]]:
+def run(job: TuneJob, log: Callable[[str], None] = print) -> list[Row]:
     """Tune every setting of ``job`` to ``job.trials`` trials with ``job.workers`` processes and write
     the outputs; returns the rows of lrs.csv."""
     prepare(job)
@@ -274,7 +274,7 @@ def _flushed_print(message: str) -> None:
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
+def trial_rows(job: TuneJob, setting: Setting) -> list[Row]:
     """One row per trial of the setting's study (trials.csv)."""
     study = optuna.load_study(study_name=setting.name, storage=open_storage(job.storage))
     rows = []
@@ -284,7 +284,8 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
         value = t.value if t.state == TrialState.COMPLETE else None  # Optuna gives pruned ones their last value
         rows.append({**setting.key, "number": t.number, "lr": t.params.get("lr"), "value": value,
                      "state": status(t),
-                     "last_checkpoint": t.last_step, "last_value": t.intermediate_values.get(t.last_step),
+                     "last_checkpoint": t.last_step,
+                     "last_value": t.intermediate_values.get(t.last_step) if t.last_step is not None else None,
                      "seconds": t.user_attrs.get("seconds"),
                      "worker": t.user_attrs.get("worker"), "retry_of": t.user_attrs.get("retry_of")})
     return rows
@@ -293,7 +294,7 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
 TIE = 1e-9  # relative: complete trials within this of the best value reached the same best
 
 
-def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
+def best_row(rows: Sequence[Row]) -> Row | None:
     """The lrs.csv row of a setting's trials, None if none completed.
 
     Its lr is the best complete trial's; when several reach the best value (within TIE relative, as
@@ -310,7 +311,7 @@ def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
     return {**chosen, "objective": chosen["value"], "trials": done, "ties": len(ties)}
 
 
-_cache: dict[tuple[str, str], list[dict[str, object]]] = {}  # (storage, study) -> trial rows
+_cache: dict[tuple[str, str], list[Row]] = {}  # (storage, study) -> trial rows
 
 
 def stored_settings(job: TuneJob) -> list[Setting]:
@@ -324,7 +325,7 @@ def stored_settings(job: TuneJob) -> list[Setting]:
     return settings
 
 
-def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False) -> list[dict[str, object]]:
+def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False) -> list[Row]:
     """Rewrite trials.csv and lrs.csv (and tune.png when ``plot``) from the storage: every study of
     this kind in it, so several calls into one folder build one table.
 

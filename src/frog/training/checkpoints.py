@@ -83,7 +83,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return type(value)((key, _plain(item)) for key, item in value.items())
+        return type(value)((key, _plain(item)) for key, item in value.items())  # type: ignore[call-arg]
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(item) for item in value)
     return value
@@ -97,6 +97,8 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
 
 def set_rng_state(state: Mapping[str, torch.Tensor | None], device: torch.device) -> None:
     """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["cpu"].cpu())
+    cpu = state["cpu"]
+    assert cpu is not None  # rng_state always has the CPU's
+    torch.set_rng_state(cpu.cpu())
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -75,6 +75,7 @@ def gradient_descent(
         if on_step is not None:
             on_step(step, best)
         if strategy is None:
+            assert lr is not None  # sgd: checked before the first step
             x -= lr * grad
         else:
             x.grad = grad
