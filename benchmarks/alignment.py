@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 import frog
-from frog.data import batches, load_dataset
-from frog.lrs import network_lr
-from frog.models import make_model
 from frog.quality import cosine_similarity, mean_and_ci, norm_ratio
-from frog.results import CsvLog
+from frog.training.data import batches, load_dataset
+from frog.training.lrs import network_lr
+from frog.training.models import make_model
+from frog.training.results import CsvLog
 
 METHODS = {  # name: ForwardGradient options
     "normal": {"tangents": "normal"},

@@ -1,7 +1,7 @@
 """Forward-mode attention: frog's jvp rule against the same attention written with plain operations.
 
 Times vmap(jvp) of causal self-attention with k tangents on q, k and v (all k in one vectorized
-pass, as the jvp engine runs it): ``frog.attention.scaled_dot_product_attention`` (softmax's jvp
+pass, as the jvp engine runs it): ``frog.forward_mode.attention.scaled_dot_product_attention`` (softmax's jvp
 folded into the product with v: one (L, S) product and one row sum per tangent besides the two
 matmuls that carry dS) against softmax(q k^T / sqrt(E) + mask) v in plain operations, whose jvp
 PyTorch composes op by op. Also the primal alone (PyTorch's fused SDPA). Median of repeated calls,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vmap
 
-from frog.attention import scaled_dot_product_attention
+from frog.forward_mode.attention import scaled_dot_product_attention
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

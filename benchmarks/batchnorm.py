@@ -5,7 +5,7 @@ sample's block activity h_j. Activity perturbation adds one tangent v per block,
 batch; the ``jvp`` engine then gets d_i = <sum_j dl_i/dh_j, v> (forward mode along the shared
 tangent), the ``sim`` engine (the paper's simulation) d_i = <d(sum_j l_j)/dh_i, v>: equal in sum
 over i, not per sample, so the two estimates differ (without batch statistics they are the same:
-tests/test_train.py). This measures, for ResNet18 (frog.models) at initialization in train mode on
+tests/test_train.py). This measures, for ResNet18 (frog.training.models) at initialization in train mode on
 Fashion-MNIST training batches, the cosine between the two estimates (frog, k tangents, plain
 projection as ``frog train``; batch p of a fixed order with tangents from seed p, the same for both
 engines) and each one's cosine to the backprop gradient of the batch's mean loss. Prints one line
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import frog
-from frog.data import batches, load_dataset
-from frog.models import make_model
 from frog.quality import cosine_similarity, mean_and_ci
+from frog.training.data import batches, load_dataset
+from frog.training.models import make_model
 
 ENGINES = ("sim", "jvp")
 

@@ -4,7 +4,7 @@ Model (--model): ``mlp``, MLP 784-1024-1024-10 (ReLU, an nn.Sequential of blocks
 ``gpt``, the character-level GPT of examples/char_gpt.py (2 blocks, width 64, 4 heads, context 64,
 F.scaled_dot_product_attention, tied weights, dropout 0.1; a vocabulary of 96), batch 32, whose
 blocks for activity perturbation are found automatically; or ``resnet18`` / ``vit``, the Table I networks
-of frog.models on Fashion-MNIST-shaped random images (1 x 28 x 28, 10 classes, train mode), batch 64. For each k and each perturbation (weight
+of frog.training.models on Fashion-MNIST-shaped random images (1 x 28 x 28, 10 classes, train mode), batch 64. For each k and each perturbation (weight
 with the tangent samplers of --samplers: dense ``normal``, ``lowrank`` and ``input-span`` of rank
 --rank; activity): engines jvp, loop, sim, fd and plain backprop. Prints the median
 step times, the ratios to backprop and jvp/loop, the achieved GFLOP/s of the jvp engine against a
@@ -24,7 +24,7 @@ example), ``activity-guess`` (the first L tangents guessed by frog.guesses.Local
 shared activity tangents (the FLOP model counts the same passes: guesses are tangents inside k).
 
 With --no-fused-batchnorm the forward-mode engines (jvp, loop) are also timed without frog's fused
-BatchNorm jvp rule (``frog.batchnorm.FUSED`` off: PyTorch's op-by-op jvp of train-mode BatchNorm), as
+BatchNorm jvp rule (``frog.forward_mode.batchnorm.FUSED`` off: PyTorch's op-by-op jvp of train-mode BatchNorm), as
 extra columns ``jvp-unfused`` / ``loop-unfused`` beside the fused ones, for a before/after in one run.
 
 For the GPT, ResNet18 and ViT only times and ratios are printed (no FLOP model), engines jvp and
@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 import frog
-import frog.batchnorm
+import frog.forward_mode.batchnorm
 import frog.guesses
-import frog.models
+import frog.training.models
 
 LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 GPT_VOCAB = 96
@@ -58,7 +58,8 @@ ACTIVITY_VARIANTS = {  # --perturbations name -> ForwardGradient options (SPEC 5
     "activity-guess": {"guess": True},
     "activity-guess-per-example": {"per_example": True, "guess": True},
 }
-UNFUSED = "-unfused"  # engine name suffix: that engine with PyTorch's BatchNorm jvp (frog.batchnorm.FUSED off)
+# engine name suffix: that engine with PyTorch's BatchNorm jvp (frog.forward_mode.batchnorm.FUSED off)
+UNFUSED = "-unfused"
 
 
 def make_gpt(device: str) -> nn.Module:
@@ -98,9 +99,9 @@ def workload(name: str, batch: int, device: str):
         description = f"MLP 784-1024-1024-10, batch {batch}"
     else:
         torch.manual_seed(0)
-        model = frog.models.make_model(name, IMAGE_SHAPE, IMAGE_CLASSES).to(device)
+        model = frog.training.models.make_model(name, IMAGE_SHAPE, IMAGE_CLASSES).to(device)
         x = torch.randn(batch, *IMAGE_SHAPE, device=device)
-        description = f"{name} (frog.models), Fashion-MNIST-shaped input 1x28x28, batch {batch}"
+        description = f"{name} (frog.training.models), Fashion-MNIST-shaped input 1x28x28, batch {batch}"
     y = torch.randint(0, 10, (batch,), device=device)
 
     def losses(m: nn.Module, reduction: str) -> torch.Tensor:
@@ -193,11 +194,11 @@ def main() -> None:
         reduction = "none" if perturbation.startswith("activity") else "mean"
 
         def step() -> None:
-            frog.batchnorm.FUSED = fused
+            frog.forward_mode.batchnorm.FUSED = fused
             try:
                 estimator.fill_grad(model, lambda m: losses(m, reduction), targets=y)
             finally:
-                frog.batchnorm.FUSED = True
+                frog.forward_mode.batchnorm.FUSED = True
             optimizer.step()
 
         return step

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import frog
-from frog.data import Split, batches, load_dataset
+from frog.training.data import Split, batches, load_dataset
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),

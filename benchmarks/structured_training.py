@@ -26,9 +26,9 @@ import math
 import statistics
 from pathlib import Path
 
-from frog.data import load_dataset
-from frog.results import CsvLog
-from frog.train import TrainConfig, train
+from frog.training.data import load_dataset
+from frog.training.results import CsvLog
+from frog.training.train import TrainConfig, train
 
 METHODS = {  # name: TrainConfig settings
     "bp": {"gradient": "bp"},

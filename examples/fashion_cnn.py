@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import frog
-from frog.data import Split, batches, load_dataset
+from frog.training.data import Split, batches, load_dataset
 
 
 class Net(nn.Module):

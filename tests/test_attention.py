@@ -1,4 +1,4 @@
-"""frog.attention: values equal PyTorch's SDPA, jvps and vjps equal autograd's, and the engines run
+"""frog.forward_mode.attention: values equal PyTorch's SDPA, jvps and vjps equal autograd's, and the engines run
 attention modules in forward mode with the same estimates as the sim engine."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.func import jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import frog
-from frog.attention import forward_mode_attention, scaled_dot_product_attention
+from frog.forward_mode.attention import forward_mode_attention, scaled_dot_product_attention
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,4 +1,4 @@
-"""frog.batchnorm: values and running statistics equal F.batch_norm's, jvps equal forward AD of batch
+"""frog.forward_mode.batchnorm: values and running statistics equal F.batch_norm's, jvps equal forward AD of batch
 norm written out in plain operations (and of F.batch_norm), vjps pass gradcheck, and the engines give
 the same estimates with and without the fused rule."""
 
@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import jvp, vmap
 
 import frog
-import frog.batchnorm
-from frog.batchnorm import batch_norm, forward_mode_batch_norm, routed_batch_norm
-from frog.models import make_model
+import frog.forward_mode.batchnorm
+from frog.forward_mode.batchnorm import batch_norm, forward_mode_batch_norm, routed_batch_norm
+from frog.training.models import make_model
 
 F64 = torch.float64
 SHAPES = {"1d (B, C)": (8, 3), "1d (B, C, L)": (4, 3, 5), "2d": (3, 3, 4, 5), "3d": (2, 3, 3, 2, 4)}
@@ -47,7 +47,7 @@ def reference(x, weight=None, bias=None, eps=1e-5):
 
 def original(x, weight=None, bias=None, eps=1e-5):
     """PyTorch's F.batch_norm in train mode (never routed: captured before any context)."""
-    return frog.batchnorm._original(x, None, None, weight, bias, True, 0.1, eps)
+    return frog.forward_mode.batchnorm._original(x, None, None, weight, bias, True, 0.1, eps)
 
 
 def ours(x, weight=None, bias=None, eps=1e-5):
@@ -227,7 +227,7 @@ def test_context_routes_and_restores(monkeypatch):
         assert F.batch_norm is routed_batch_norm
         raise RuntimeError("inside")
     assert F.batch_norm is before
-    monkeypatch.setattr(frog.batchnorm, "FUSED", False)
+    monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED", False)
     with forward_mode_batch_norm():
         assert F.batch_norm is before
 
@@ -240,7 +240,7 @@ def count_routed(monkeypatch) -> list:
         calls.append(input.shape)
         return batch_norm(input, *args, **kwargs)
 
-    monkeypatch.setattr(frog.batchnorm, "batch_norm", spy)
+    monkeypatch.setattr(frog.forward_mode.batchnorm, "batch_norm", spy)
     return calls
 
 
@@ -250,7 +250,7 @@ def test_devices_outside_fused_devices_keep_pytorchs_batch_norm(monkeypatch):
     with forward_mode_batch_norm():
         F.batch_norm(x, None, None, weight, bias, True)
         assert len(calls) == 1
-        monkeypatch.setattr(frog.batchnorm, "FUSED_DEVICES", ())  # as CUDA tensors are treated
+        monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED_DEVICES", ())  # as CUDA tensors are treated
         assert torch.equal(F.batch_norm(x, None, None, weight, bias, True), original(x, weight, bias))
         assert len(calls) == 1
 
@@ -276,10 +276,10 @@ def cnn_data(batch=5):
 def estimate(model, engine, perturbation, loss, k=4, tangents="normal", fused=True, monkeypatch=None):
     """(p.grad of every parameter, buffers) after one fill_grad on a copy of ``model``."""
     model = copy.deepcopy(model)
-    monkeypatch.setattr(frog.batchnorm, "FUSED", fused)
+    monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED", fused)
     fg = frog.ForwardGradient(k, engine=engine, perturbation=perturbation, tangents=tangents, seed=3)
     fg.fill_grad(model, lambda m: loss(m, "none" if perturbation == "activity" else "mean"))
-    monkeypatch.setattr(frog.batchnorm, "FUSED", True)
+    monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED", True)
     return [p.grad for p in model.parameters()], dict(model.named_buffers())
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-import frog.train
-from frog import checkpoints
+import frog.training.train
 from frog.cli import main
 from frog.errors import CheckpointError
-from frog.train import TrainConfig, train
+from frog.training import checkpoints
+from frog.training.train import TrainConfig, train
 
 QUIET = {"progress": False, "log": lambda s: None}
 BP = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, epochs=1)
@@ -104,14 +104,14 @@ def test_resume_of_a_checkpoint_without_random_state_as_older_versions_wrote(tmp
 
 def test_resume_restores_the_random_state_of_dropout(tmp_path, monkeypatch):
     """A network that draws random numbers while training (dropout) resumes with the same numbers."""
-    plain = frog.train.make_model
+    plain = frog.training.train.make_model
 
     def with_dropout(*args, **kwargs) -> nn.Sequential:
         model = plain(*args, **kwargs)
         model.hidden2.append(nn.Dropout(0.5))
         return model
 
-    monkeypatch.setattr(frog.train, "make_model", with_dropout)
+    monkeypatch.setattr(frog.training.train, "make_model", with_dropout)
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, batch_size=32, epochs=2)
     train(config, tmp_path / "a", **QUIET)
     interrupted_after(config, 1, tmp_path / "b")

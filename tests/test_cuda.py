@@ -23,11 +23,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import frog
-from frog import checkpoints
-from frog.data import batches, load_dataset
-from frog.models import make_model
 from frog.tangents import TangentPlan
-from frog.train import TrainConfig, train
+from frog.training import checkpoints
+from frog.training.data import batches, load_dataset
+from frog.training.models import make_model
+from frog.training.train import TrainConfig, train
 
 # FROG_TEST_DEVICE=cpu runs the same tests on the CPU (benchmarks/gpu_check.sh --dry-run)
 DEVICE = torch.device(os.environ.get("FROG_TEST_DEVICE", "cuda"))
@@ -159,8 +159,8 @@ def test_table1_networks_fill_grad_under_sim_and_jvp(name, perturbation):
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "embedding bag + weight norm", "ctc", "transformer with dropout"])
 def test_forward_mode_engines_equal_sim_through_frogs_kernels(name):
-    """The layers that frog.plain_kernels and frog.masks handle (cuDNN's RNNs, EmbeddingBag, weight norm,
-    CTC, dropout in every pass), on the device: jvp and loop give sim's estimate."""
+    """The layers that frog.forward_mode.plain_kernels and frog.forward_mode.masks handle (cuDNN's RNNs,
+    EmbeddingBag, weight norm, CTC, dropout in every pass), on the device: jvp and loop give sim's estimate."""
     from test_masks import Encoder
     from test_plain_kernels import MODELS as KERNEL_MODELS
 

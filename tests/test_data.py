@@ -1,4 +1,4 @@
-"""Tests for frog.data: IDX and CIFAR-10 parsing, splits, normalization, errors, minibatches.
+"""Tests for frog.training.data: IDX and CIFAR-10 parsing, splits, normalization, errors, minibatches.
 
 The MNIST-style and CIFAR-style files are tiny ones written here in the exact on-disk formats. Image
 i of a training file carries its index in its first pixel and has label i % 10, so every loaded
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from frog.data import DATASETS, DEFAULT_DIRS, Dataset, Split, batches, load_dataset, subset, validation_size
+from frog.training.data import DATASETS, DEFAULT_DIRS, Dataset, Split, batches, load_dataset, subset, validation_size
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530

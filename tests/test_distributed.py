@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import frog
 from frog.distributed import Communicator, DistributedError
-from frog.train import TrainConfig, train
+from frog.training.train import TrainConfig, train
 
 CONFIG = {"model": "fc", "width": 32, "dataset": "digits", "tangents": 4, "lr": 0.05, "batch_size": 96, "epochs": 1}
 SCENARIOS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from frog.data import DEFAULT_DIRS
+from frog.training.data import DEFAULT_DIRS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GPL = Path("/usr/share/common-licenses/GPL-3")

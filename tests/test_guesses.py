@@ -14,7 +14,7 @@ from frog.cli import main
 from frog.example_tangents import MaskCheck
 from frog.guesses import GuessSource, LocalHeads, head_for
 from frog.layouts import PerExample
-from frog.train import TrainConfig, train
+from frog.training.train import TrainConfig, train
 
 F64 = torch.float64
 ENGINES = ["jvp", "loop", "sim", "fd"]

@@ -1,5 +1,5 @@
 """The same dropout masks in every pass of a step, whatever the engine and the tensors' memory layout:
-frog.masks.dropout against PyTorch's, and the engines against each other on a TransformerEncoder with
+frog.forward_mode.masks.dropout against PyTorch's, and the engines against each other on a TransformerEncoder with
 dropout in its layers and its attention (weight and activity perturbation)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import frog
-from frog.masks import dropout, same_masks
+from frog.forward_mode.masks import dropout, same_masks
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Tests of frog.models: block structure, sizes, parameter counts and forward-mode AD.
+"""Tests of frog.training.models: block structure, sizes, parameter counts and forward-mode AD.
 
 The references are independent: autograd (reverse mode) for the jvps, torchvision's published
 parameter counts / layer formulas for ResNet18, and torch's own attention kernels for the ViT.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from frog.models import MODELS, SelfAttention, attention, block_names, make_model
+from frog.training.models import MODELS, SelfAttention, attention, block_names, make_model
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 FC_WIDTH = 32  # small width for fast fc tests

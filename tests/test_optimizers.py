@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import frog
-from frog.data import DEFAULT_DIRS, load_dataset
+from frog.training.data import DEFAULT_DIRS, load_dataset
 
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.1),

@@ -1,4 +1,4 @@
-"""Plain kernels for fused ones without forward-mode rules (frog.plain_kernels): their values against
+"""Plain kernels for fused ones without forward-mode rules (frog.forward_mode.plain_kernels): their values against
 PyTorch's, and the forward-mode engines against sim on models with nn.LSTM (float32: oneDNN's kernel),
 nn.GRU, nn.EmbeddingBag and weight normalization."""
 
@@ -13,7 +13,14 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 
 import frog
-from frog.plain_kernels import RECURRENT, ctc_loss, embedding, embedding_bag, forward_mode_kernels, weight_norm
+from frog.forward_mode.plain_kernels import (
+    RECURRENT,
+    ctc_loss,
+    embedding,
+    embedding_bag,
+    forward_mode_kernels,
+    weight_norm,
+)
 
 F64 = torch.float64
 

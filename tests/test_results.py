@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from frog.results import CsvLog, read_csv
+from frog.training.results import CsvLog, read_csv
 
 
 def test_rows_are_kept_and_a_rerun_skips_them(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from conftest import autograd_grad, gen
 
 from frog import ForwardGradient
-from frog.optimize import gradient_descent
-from frog.strategies import ArmijoLineSearch, NormalizedSGD, make_optimizer, module_loss_at, take_step
+from frog.training.optimize import gradient_descent
+from frog.training.strategies import ArmijoLineSearch, NormalizedSGD, make_optimizer, module_loss_at, take_step
 
 
 def quadratic(n: int, seed: int):
@@ -106,7 +106,7 @@ def test_optimizer_errors_say_what_to_change():
 @pytest.mark.parametrize("optimizer", ["line-search", "normalized", "adam"])
 def test_train_with_each_strategy_resumes_exactly(tmp_path, optimizer):
     """Two epochs straight equal one epoch plus a resumed one (the strategy's state is checkpointed)."""
-    from frog.train import TrainConfig, train
+    from frog.training.train import TrainConfig, train
 
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=4, engine="sim",
                          epochs=2, optimizer=optimizer, seed=1)
@@ -126,7 +126,7 @@ def test_train_with_each_strategy_resumes_exactly(tmp_path, optimizer):
 
 def test_optimize_cli_records_the_strategy_and_its_passes(tmp_path):
     from frog.cli import main
-    from frog.results import read_csv
+    from frog.training.results import read_csv
 
     assert main(["optimize", "--function", "sphere", "--dims", "16", "-k", "4", "--methods", "fg-mean", "frog",
                  "--seeds", "0", "--steps", "50", "--optimizer", "line-search", "--out", str(tmp_path)]) == 0

@@ -12,8 +12,8 @@ from torch import nn
 
 import frog
 from frog.cli import main
-from frog.models import make_model
-from frog.train import TrainConfig, train
+from frog.training.models import make_model
+from frog.training.train import TrainConfig, train
 
 F64 = torch.float64
 

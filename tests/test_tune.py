@@ -14,8 +14,8 @@ import optuna
 import pytest
 
 from frog.cli import main
-from frog.lrs import math_lr
-from frog.tune import open_storage
+from frog.experiments.tune import open_storage
+from frog.training.lrs import math_lr
 
 TINY = ["tune", "optimize", "--function", "sphere", "--dims", "8", "-k", "2", "--methods", "fg-mean", "frog",
         "--steps", "40"]

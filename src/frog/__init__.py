@@ -5,15 +5,16 @@ orthogonal projection onto the span of the tangents ("frog") or by sum/mean.
 """
 
 from .activity import describe_blocks
-from .aggregation import METHODS, aggregate, coefficients, combine, scale_correction
+from .aggregation import METHODS, aggregate, coefficients, scale_correction
 from .engines import ENGINES
 from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
-from .functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 from .guesses import GuessSource, LocalHeads
+from .layouts import combine
 from .tangents import KINDS, TangentPlan, sample_tangents
+from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place; pyproject.toml reads it, CHANGELOG.md says what changed
 
 __all__ = [
     "ENGINES",

@@ -14,7 +14,7 @@ Which modules are blocks (:func:`blocks_of`, shown by :func:`describe_blocks`):
 
 - ``blocks=[...]`` when given;
 - the children of an ``nn.Sequential`` that own trainable parameters (the paper's networks,
-  :mod:`frog.models`);
+  :mod:`frog.training.models`);
 - otherwise found automatically: the model's children that own trainable parameters, in order,
   with containers opened: an ``nn.ModuleList`` / ``nn.ModuleDict`` always (they are never called
   themselves), an ``nn.Sequential`` when it is a list of at least two modules of one class (a stack
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import Node
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -197,7 +198,7 @@ def check_local(tensors: Sequence[torch.Tensor], stops: Sequence[torch.Tensor], 
     parameter other than through the block outputs ``stops``: that use of it (e.g. a weight used
     outside its module, ``x @ emb.weight.T``) would get no gradient from the block-local products."""
     seen = {id(t.grad_fn) for t in stops if t.grad_fn is not None}
-    todo = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    todo: list[Node | None] = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while todo:
         node = todo.pop()
         if node is None or id(node) in seen:
@@ -278,7 +279,9 @@ def perturbed(blocks: Sequence[nn.Module], perturbations: Sequence[torch.Tensor]
 
     def add(index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            return with_first_tensor(output, first_tensor(output) + perturbations[index])
+            h = first_tensor(output)
+            assert h is not None, f"block {index} returned no tensor"  # check_output saw one when it was recorded
+            return with_first_tensor(output, h + perturbations[index])
         return hook
 
     handles = [block.register_forward_hook(add(i)) for i, block in enumerate(blocks)]

@@ -6,13 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .distributed import DistributedError
 from .engines import ENGINES
-from .functions import FUNCTIONS
-from .methods import METHOD_NAMES
-from .results import prepare_out_dir, read_csv, write_csv
-from .strategies import STRATEGIES
+from .training.functions import FUNCTIONS
+from .training.methods import METHOD_NAMES
+from .training.results import prepare_out_dir, read_csv, write_csv
+from .training.strategies import STRATEGIES
 
 POWERS_OF_TWO = [2**i for i in range(11)]
 
@@ -38,7 +39,7 @@ def _add_approx(commands: argparse._SubParsersAction) -> None:
 
 def _approx(args: argparse.Namespace) -> None:
     from .experiments.approximation import sweep
-    from .plots import plot_approximation
+    from .training.plots import plot_approximation
 
     out = prepare_out_dir(args.out)
     rows = list(sweep(args.dims, args.tangents, args.samples, sampler=args.sampler, angles=args.angles,
@@ -90,7 +91,7 @@ def _optimize(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .experiments.optimization import SUMMARY_COLUMNS, plan_runs, run_all, summarize
-    from .plots import plot_optimization
+    from .training.plots import plot_optimization
 
     angles = args.angles if args.sampler == "angle" else None
     runs = plan_runs(args.function, args.dims, args.tangents, args.methods, args.seeds, args.lr, angles,
@@ -136,10 +137,10 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     """Options of ``frog train``; under ``frog tune`` width, gradient and k take several values and
     the step-size, resume and distributed options are left out."""
-    from .train import TRAIN_SAMPLERS, TrainConfig
+    from .training.train import TRAIN_SAMPLERS, TrainConfig
 
     d = TrainConfig()
-    several = {"nargs": "+"} if tune else {}
+    several: dict[str, Any] = {"nargs": "+"} if tune else {}
     p.add_argument("--model", default=d.model, help="fc, conv, resnet18 or vit")
     p.add_argument("--width", type=int, default=[d.width] if tune else d.width, help="hidden width of the fc model",
                    **several)
@@ -193,7 +194,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .train import TrainConfig, train
+    from .training.train import TrainConfig, train
 
     config = TrainConfig(
         model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir, gradient=args.gradient,
@@ -254,8 +255,8 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from . import tune
-    from .train import TrainConfig
+    from .experiments import tune
+    from .training.train import TrainConfig
 
     tune.check_options(args.trials, args.lr_range, args.workers)
     if args.kind == "optimize":

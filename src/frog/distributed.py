@@ -107,8 +107,10 @@ class Communicator:
         """Raise DistributedError naming every setting on which some rank differs from rank 0."""
         gathered: list[dict[str, object] | None] = [None] * self.world
         self._guard(lambda: dist.all_gather_object(gathered, settings, group=self.group))
+        reference = gathered[0]
+        assert reference is not None  # all_gather_object filled every entry
         differences = [f"rank {r} has {name}={theirs[name]!r} but rank 0 has {value!r}"
-                       for r, theirs in enumerate(gathered) for name, value in gathered[0].items()
+                       for r, theirs in enumerate(gathered) for name, value in reference.items()
                        if theirs is not None and theirs.get(name) != value]
         if differences:
             raise DistributedError("ranks disagree: " + "; ".join(differences))

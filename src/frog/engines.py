@@ -30,16 +30,18 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch.func import jvp, vmap
 
 from . import layers
-from .attention import forward_mode_attention
-from .batchnorm import forward_mode_batch_norm
 from .errors import ForwardModeError
-from .layers import Users
-from .plain_kernels import forward_mode_kernels
+from .forward_mode.attention import forward_mode_attention
+from .forward_mode.batchnorm import forward_mode_batch_norm
+from .forward_mode.plain_kernels import forward_mode_kernels
+from .layers import Routes, Users
+from .layouts import LowRank
 from .tangents import TangentPlan
 
 Function = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -70,7 +72,7 @@ class RngReplay:
 
     def reset(self) -> None:
         torch.set_rng_state(self.cpu_state)
-        if self.cuda:
+        if self.cuda_state is not None:  # self.cuda
             torch.cuda.set_rng_state(self.cuda_state, self.device)
 
 
@@ -93,10 +95,11 @@ def _device(primals: dict[str, torch.Tensor]) -> torch.device:
 @contextmanager
 def forward_mode_rules() -> Iterator[None]:
     """frog's own forward-mode rules, routed while the ``jvp`` and ``loop`` engines run:
-    ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to :mod:`frog.attention`,
-    train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by op) to :mod:`frog.batchnorm`, and the
-    kernels whose forward mode is missing or differs from autograd (oneDNN/cuDNN RNNs, weight norm,
-    EmbeddingBag, Embedding's padding row, CTC loss) to :mod:`frog.plain_kernels`."""
+    ``F.scaled_dot_product_attention`` (which has no jvp rule in PyTorch) goes to
+    :mod:`frog.forward_mode.attention`, train-mode ``F.batch_norm`` (whose jvp PyTorch decomposes op by
+    op) to :mod:`frog.forward_mode.batchnorm`, and the kernels whose forward mode is missing or differs
+    from autograd (oneDNN/cuDNN RNNs, weight norm, EmbeddingBag, Embedding's padding row, CTC loss) to
+    :mod:`frog.forward_mode.plain_kernels`."""
     with forward_mode_attention(), forward_mode_batch_norm(), forward_mode_kernels():
         yield
 
@@ -112,8 +115,8 @@ class Split:
     def __init__(self, primals: dict[str, torch.Tensor], plan: TangentPlan, users: Users | None) -> None:
         self.names = list(primals)
         users = users or {}
-        self.routes = {b: (users[name], plan.layouts[b]) for b, name in enumerate(self.names)
-                       if plan.layouts[b].factored and users.get(name)}
+        self.routes: Routes = {b: (users[name], cast(LowRank, plan.layouts[b]))  # factored: LowRank
+                               for b, name in enumerate(self.names) if plan.layouts[b].factored and users.get(name)}
         self.free = [b for b in range(len(self.names)) if b not in self.routes]
         self.constants = {self.names[b]: primals[self.names[b]] for b in self.routes}
         self.bases: dict[int, torch.Tensor] = {}  # input-span blocks: the basis found while the layer ran
@@ -225,8 +228,9 @@ class LoopEngine(Engine):
             for i in range(plan.num_tangents) if rows is None else rows:
                 replay.reset()
                 free, markers = split.tangent_args(primals, plan, [i])
-                value, derivative, bases = jvp(run, primal_args, ({n: t[0] for n, t in free.items()},
-                                                                  {b: t[0] for b, t in markers.items()}), has_aux=True)
+                value, derivative, bases = jvp(  # type: ignore[misc]  # has_aux: the stub has no 3-tuple
+                    run, primal_args, ({n: t[0] for n, t in free.items()}, {b: t[0] for b, t in markers.items()}),
+                    has_aux=True)
                 jvps.append(derivative)
         split.set_bases(plan, bases)
         return value, torch.stack(jvps)
@@ -259,6 +263,7 @@ class SimEngine(Engine):
                 raise ValueError("low-rank tangents perturb weights: the function must return one scalar, "
                                  f"got shape {tuple(value.shape)}")
             inputs = [leaves[split.names[b]] for b in split.free] + [anchor for anchor, _ in taps]
+            found: Sequence[torch.Tensor | None]
             if value.requires_grad:
                 found = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
             else:  # fn does not depend on the primals

@@ -36,10 +36,10 @@ from .engines import (
 )
 from .errors import NonFiniteError
 from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
+from .forward_mode.masks import same_masks
+from .forward_mode.plain_kernels import plain_checkpoints
 from .guesses import GuessSource
 from .layers import Users
-from .masks import same_masks
-from .plain_kernels import plain_checkpoints
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
 PERTURBATIONS = ("weight", "activity")
@@ -58,12 +58,12 @@ class _LossOf(nn.Module):
 
 
 @contextmanager
-def _frozen_running_stats(freeze: bool) -> Iterator[list[nn.Module]]:
+def _frozen_running_stats(freeze: bool) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
     """Stop BatchNorm layers in train mode from updating running statistics (they still use batch
     statistics); yields the frozen modules so the caller can update them once afterwards. Every
     BatchNorm that runs within the context counts, also one outside the model that the loss function
     calls (a GAN's discriminator in the generator's loss)."""
-    frozen: list[nn.Module] = []
+    frozen: list[nn.modules.batchnorm._BatchNorm] = []
 
     def freeze_on_call(module: nn.Module, args) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
@@ -374,7 +374,7 @@ class ForwardGradient:
                           "one Linear or Conv layer that runs its own forward), so they get lowrank tangents",
                           stacklevel=4)
 
-    def _warn_coupled_samples(self, model: nn.Module, ran: list[nn.Module]) -> None:
+    def _warn_coupled_samples(self, model: nn.Module, ran: Sequence[nn.Module]) -> None:
         """Warn once that forward-mode activity estimates through batch-statistics BatchNorm (of the model,
         or ``ran`` in the loss outside it) are not the gradient's (README, Engines: the coupling transposed)."""
         names = {m: name for name, m in model.named_modules()}
@@ -518,7 +518,8 @@ class ForwardGradient:
         comm = self.communicator
         if chained_sim:
             rows = comm.rows(self.num_tangents) if comm else None
-            coeffs = self._aggregate(plan, losses, self.engine.chained(losses, inputs, outputs, plan, rows))
+            chained = self.engine.chained  # type: ignore[attr-defined]  # chained_sim: the sim engine has it
+            coeffs = self._aggregate(plan, losses, chained(losses, inputs, outputs, plan, rows))
         else:
             def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
                 with perturbed(blocks, list(perturbations.values())):
@@ -552,7 +553,7 @@ class ForwardGradient:
         masked at inactive ReLU units, with the guess source's guesses first (:mod:`frog.example_tangents`)."""
         if not (self.per_example or self.relu_mask or self.guess is not None):
             return self.plan(features, outputs[0])
-        guesses = [None] * len(outputs)
+        guesses: list[torch.Tensor | None] = [None] * len(outputs)
         if self.guess is not None:
             guesses = checked_guesses(self.guess.guesses(outputs, targets, losses), outputs, shared, labels)
         masks = [self._mask_check.mask(block, h) if self.relu_mask and not s else None

@@ -119,13 +119,14 @@ def example_plan(
             drawn = random.block(b)
             rows[first:] = drawn if per_example or not isinstance(layout, PerExample) else drawn.unsqueeze(1)
         if isinstance(layout, PerExample):
-            if b in guessed:
-                guess = guesses[b].detach().to(rows.dtype)
-                if masks[b] is not None:
-                    guess = guess * masks[b]
+            mask, given = masks[b], guesses[b]
+            if given is not None:  # b in guessed
+                guess = given.detach().to(rows.dtype)
+                if mask is not None:
+                    guess = guess * mask
                 norms = guess.flatten(1).norm(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
                 rows[guessed.index(b)] = guess / norms.reshape(-1, *[1] * (guess.dim() - 1))
-            if masks[b] is not None:
-                rows[first:] *= masks[b]
+            if mask is not None:
+                rows[first:] *= mask
         plan.give(b, rows)
     return plan

@@ -178,6 +178,7 @@ class LocalHeads(GuessSource):
     def state_dict(self) -> dict[str, Any]:
         if self.heads is None:
             return dict(self._pending or {})
+        assert self.optimizer is not None  # made with the heads
         return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,6 +187,7 @@ class LocalHeads(GuessSource):
         if self.heads is None:
             self._pending = state
             return
+        assert self.optimizer is not None  # made with the heads
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._pending = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch.utils._pytree import tree_leaves
 from .layouts import LowRank
 
 _KNOWN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+Known = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding  # the modules :func:`known` accepts
 
 
 def known(module: nn.Module) -> bool:
@@ -114,7 +116,7 @@ class Site:
     its forward-mode rule, the output change along the factored tangent, and its input basis."""
 
     def __init__(self, module: nn.Module, layout: LowRank) -> None:
-        self.module, self.layout = module, layout
+        self.module, self.layout = cast(Known, module), layout  # known(module) holds
 
     # -- the layer and its tangent ---------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -221,8 +223,9 @@ class Site:
         if self._channel(x) == 0:
             x = x.unsqueeze(0)
         pair = (lambda v: tuple(v)) if two_d else (lambda v: (1, v[0]))
+        padding = module.padding  # numbers (sees_inputs), of a Conv1d or Conv2d
         patches = F.unfold(x if two_d else x.unsqueeze(-2), pair(module.kernel_size), dilation=pair(module.dilation),
-                           padding=pair(module.padding) if two_d else (0, module.padding[0]),
+                           padding=pair(padding) if two_d else (0, padding[0]),  # type: ignore[index]
                            stride=pair(module.stride))  # (B, n, L)
         return patches.transpose(1, 2).reshape(-1, self.layout.n)
 
@@ -339,7 +342,7 @@ def forward_rules(routes: Routes, packed: Mapping[int, torch.Tensor], bases: dic
         site = Site(module, layout)
 
         def forward(input: torch.Tensor) -> torch.Tensor:
-            (x, weight, bias), held = _split_held(input, module.weight, getattr(module, "bias", None))
+            (x, weight, bias), held = _split_held(input, site.module.weight, getattr(module, "bias", None))
             if layout.span and block not in bases and site.spans_less(input):
                 output, bases[block] = _SpanLayer.apply(x, weight, bias, packed[block], site, held)
                 return output

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .aggregation import default_rtol, solve_gram
-from .tangents import gram_of
+from .layouts import gram_of
 
 
 def cosine_similarity(estimates: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

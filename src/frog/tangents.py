@@ -192,6 +192,7 @@ def mixing(kind: str, normalize: bool, gram: torch.Tensor, angle: float | None =
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device).expand_as(gram)
         return torch.linalg.solve_triangular(lower, eye, upper=False)
     if kind == "angle":
+        assert angle is not None  # check_kind: the angle sampler has one
         a = math.radians(float(angle))
         norm1 = gram[..., 0, 0].sqrt()
         squared_norms = gram.diagonal(dim1=-2, dim2=-1)[..., 1:]
@@ -262,6 +263,7 @@ def sample_tangents(
         return raw
     flat = raw.reshape(*batch, num_tangents, -1)
     transform = mixing(kind, normalize, gram_of(flat), angle)
+    assert transform is not None  # needs_gram: V is not W
     return (transform.to(raw.dtype) @ flat).reshape(raw.shape)
 
 
@@ -352,9 +354,8 @@ class TangentPlan:
         if self.kind == "basis":
             out = raw_rows("basis", wanted, stored, offset=self.offsets[index], device=self.device, dtype=self.dtype)
         else:  # each row from its own counter-seeded generator, written in place
-            out = self._buffer(index) if rows is None else None
-            if out is None:
-                out = torch.empty(len(wanted), *stored, device=self.device, dtype=self.dtype)
+            buffer = self._buffer(index) if rows is None else None
+            out = torch.empty(len(wanted), *stored, device=self.device, dtype=self.dtype) if buffer is None else buffer
             self._fill_rows(out, wanted, index)
         if rows is None:
             if self._cache is not None:
@@ -386,7 +387,9 @@ class TangentPlan:
         columns spanning the layer's inputs (None: the whole space). Set before the Gram matrix is formed."""
         if self._gram is not None:
             raise RuntimeError("set_basis after the Gram matrix was formed: the tangents would change under it")
-        self.layouts[index].basis = basis
+        layout = self.layouts[index]
+        assert isinstance(layout, LowRank), f"block {index} is not an input-span block"
+        layout.basis = basis
 
     def give(self, index: int, raw: torch.Tensor) -> None:
         """Use ``raw`` (k, *layouts[index].stored) as block ``index``'s tangents instead of drawing them
@@ -401,7 +404,7 @@ class TangentPlan:
         """Whether block ``index``'s Gram contribution can be formed now (an input-span block needs
         its basis, which an engine sets while the layer runs)."""
         layout = self.layouts[index]
-        return not (layout.factored and layout.span and layout.basis is None)
+        return not (isinstance(layout, LowRank) and layout.span and layout.basis is None)  # factored: LowRank
 
     def _fill_rows(self, out: torch.Tensor, rows: Sequence[int], index: int) -> None:
         """out[j] = raw row rows[j] of block ``index``: each row from its counter-seeded stream, or,

@@ -1,1 +1,2 @@
-"""One module per experiment of the paper; each only wires library calls together."""
+"""One module per experiment of the paper, the full reproduction, and the learning-rate search
+(:mod:`.tune`); each only wires library calls together."""

@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from ..quality import approximation_quality, mean_and_ci
-from ..results import CsvLog, text
 from ..tangents import check_kind, sample_tangents
+from ..training.results import CsvLog, Row, text
 
 COLUMNS = ["n", "k", "method", "normalized", "cosine_mean", "cosine_ci", "norm_ratio_mean", "norm_ratio_ci",
            "angle", "samples", "sampler", "true_gradient", "seed"]
@@ -39,7 +39,7 @@ def sweep(
     out_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
-) -> Iterator[dict[str, object]]:
+) -> Iterator[Row]:
     """Rows of mean and 95% CI of cosine similarity and norm ratio, per (n, angle, k, method).
 
     For each n (and angle) one draw of max(k) tangents per sample is shared by all methods and k.
@@ -49,7 +49,9 @@ def sweep(
         raise ValueError("samples, dimensions n and tangent counts k must all be >= 1")
     if gradient not in TRUE_GRADIENTS:
         raise ValueError(f"unknown true gradient {gradient!r}; choose one of {', '.join(TRUE_GRADIENTS)}")
-    angle_list: list[float | None] = list(angles) if sampler == "angle" else [None]
+    if sampler == "angle" and angles is None:
+        raise ValueError("sampler='angle' needs angles= (degrees, in (0, 90])")
+    angle_list: list[float | None] = list(angles or []) if sampler == "angle" else [None]
     for angle in angle_list:
         check_kind(sampler, angle)
     log = CsvLog(out_dir / "approximation.csv", COLUMNS) if out_dir is not None else None

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import load_dataset, subset
-from ..train import TrainConfig, train
+from ..training.data import load_dataset, subset
+from ..training.results import Row
+from ..training.train import TrainConfig, train
 
 SUMMARY_COLUMNS = ["dataset", "model", "width", "method", "k", "seed", "epochs", "best_epoch", "best_val_accuracy",
                    "test_accuracy", "seconds_per_epoch"]
@@ -22,7 +23,7 @@ class NetworkRuns:
 
     ``widths`` are the hidden widths of ``fc`` (other models have one size: give ``[None]``).
     ``images``: train and evaluate on the first this many images of each split (a quick check that
-    the runs work; None: all). The step size is the paper's (:func:`frog.lrs.network_lr`), the
+    the runs work; None: all). The step size is the paper's (:func:`frog.training.lrs.network_lr`), the
     perturbation ``frog train``'s default (activity, as the paper)."""
 
     datasets: Sequence[str]
@@ -42,7 +43,7 @@ class NetworkRuns:
                 + (f"_n{self.images}" if self.images else ""))
 
 
-def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = print) -> list[dict[str, object]]:
+def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = print) -> list[Row]:
     """Train each combination into ``out/<runs.folder(...)>`` (resumable) and return one summary row
     each: test accuracy at the epoch of best validation accuracy."""
     summary = []

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..functions import get_function
-from ..lrs import math_lr, table_lr
-from ..methods import check_method_name, estimator_for
-from ..optimize import DescentResult, gradient_descent
-from ..results import CsvLog, text
-from ..strategies import DEFAULT_LR, check_strategy
 from ..tangents import check_kind
+from ..training.functions import get_function
+from ..training.lrs import math_lr, table_lr
+from ..training.methods import check_method_name, estimator_for
+from ..training.optimize import DescentResult, gradient_descent
+from ..training.results import CsvLog, Row, text
+from ..training.strategies import DEFAULT_LR, check_strategy
 
 COLUMNS = ["function", "n", "method", "k", "seed", "lr", "best_value", "final_value", "steps", "diverged",
            "engine", "sampler", "angle", "optimizer", "extra_forward_passes_per_step"]
@@ -53,7 +53,7 @@ def step_size(
     lr_table: str | Path | None = None,
 ) -> float:
     """The step size of a run: from ``lr_table`` when given, else the paper's table for ``sgd``,
-    else the strategy's default (:data:`frog.strategies.DEFAULT_LR`)."""
+    else the strategy's default (:data:`frog.training.strategies.DEFAULT_LR`)."""
     k = None if method == "bp" else k
     if lr_table is not None:
         return table_lr(lr_table, optimizer, function=function, n=n, gradient_approach=method, k=k, angle=angle)
@@ -85,14 +85,14 @@ def plan_runs(
         check_method_name(method)
     if any(n < 1 for n in dims) or any(k < 1 for k in tangents):
         raise ValueError("dimensions n and tangent counts k must be >= 1")
-    for angle in angles or []:
-        check_kind("angle", angle)
+    for a in angles or []:
+        check_kind("angle", a)
     check_strategy(optimizer)
     if lr is not None and lr_table is not None:
         raise ValueError("give --lr or --lr-table, not both")
     if not lr_scale > 0:
         raise ValueError(f"--lr-scale must be > 0, got {lr_scale}")
-    runs = []
+    runs: list[Run] = []
     for function in functions:
         for n in dims:
             for method in methods:
@@ -113,7 +113,7 @@ def run_all(
     engine: str = "jvp",
     steps: int | None = None,
     progress: bool = True,
-) -> Iterator[dict[str, object]]:
+) -> Iterator[Row]:
     """Run each planned run, append its row to ``out_dir/optimization.csv`` as it ends, and yield it.
 
     Runs already in the CSV are skipped (a rerun resumes).
@@ -142,7 +142,7 @@ def descend(
     run: Run, *, engine: str = "jvp", steps: int | None = None, on_step: Callable[[int, float], None] | None = None
 ) -> DescentResult:
     """One run: descent on its function from the paper's start, ``steps`` steps (default: the
-    function's budget); ``on_step(t, best)`` as in :func:`frog.optimize.gradient_descent`."""
+    function's budget); ``on_step(t, best)`` as in :func:`frog.training.optimize.gradient_descent`."""
     function = get_function(run.function)
     options = {"engine": engine, "seed": run.seed, "scale_correction": False}  # the paper's plain estimators
     if run.angle is not None:
@@ -157,13 +157,13 @@ SUMMARY_COLUMNS = ["function", "n", "method", "k", "angle", "optimizer", "runs",
                    "minimum", "extra_forward_passes_per_step"]
 
 
-def summarize(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+def summarize(rows: Sequence[Row]) -> list[Row]:
     """Mean and standard deviation over seeds of the best value, per (function, n, method, k, angle,
     optimizer); the strategy's extra forward passes per step, averaged over the seeds.
 
     Diverged runs count with the best value they reached before diverging.
     """
-    groups: dict[tuple, list[dict[str, object]]] = defaultdict(list)
+    groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
         key = tuple(text(row[c]) for c in ("function", "n", "method", "k", "angle", "optimizer"))
         groups[key].append(row)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
-Row = dict[str, object]
+from ..training.results import Row
+
+T = TypeVar("T")
 
 
 def _is_true(value: object) -> bool:
@@ -19,6 +22,13 @@ def _approx(rows: Sequence[Row], method: str, k: int, normalized: bool = False, 
                 and str(row.get("angle") or "") == angle and int(row["n"]) == 64):
             return row
     return None
+
+
+def _found(value: T | None, what: str) -> T:
+    """``value``, a result the claims need; ValueError naming ``what`` when the results lack it."""
+    if value is None:
+        raise ValueError(f"the results have no {what}")
+    return value
 
 
 def _cell(row: Row | None, metric: str) -> str:
@@ -48,19 +58,21 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
     """(claim, holds, evidence) for each of the paper's claims (SPEC "Claims to reproduce").
 
     holds is True, False, or "partly" (better more often than worse, but mostly tied)."""
-    out = []
+    out: list[tuple[str, object, str]] = []
     ks = sorted({int(r["k"]) for r in approx if int(r["n"]) == 64})
-    frog_cos = [float(_approx(approx, "frog", k)["cosine_mean"]) for k in ks]
-    mean_cos = [float(_approx(approx, "mean", k)["cosine_mean"]) for k in ks]
+    frog_cos = [float(_found(_approx(approx, "frog", k), f"frog row, k = {k}")["cosine_mean"]) for k in ks]
+    mean_cos = [float(_found(_approx(approx, "mean", k), f"mean row, k = {k}")["cosine_mean"]) for k in ks]
     monotone = all(b >= a - 1e-9 for a, b in itertools.pairwise(frog_cos)) and all(
         b >= a - 0.01 for a, b in itertools.pairwise(mean_cos))
     out.append(("The approximation (cosine similarity) improves with k.", monotone,
                 (f"n = 64: frog {frog_cos[0]:.3f} -> {frog_cos[-1]:.3f}, mean {mean_cos[0]:.3f} -> {mean_cos[-1]:.3f} "
                 f"for k = {ks[0]} -> {ks[-1]}")))
-    beaten = [k for k in ks if 1 < k and float(_approx(approx, "frog", k)["cosine_mean"]) + 1e-12
-              < max(float(_approx(approx, m, k, z)["cosine_mean"]) for m in ("mean", "sum") for z in (False, True))]
+    beaten = [k for k in ks if 1 < k and float(_found(_approx(approx, "frog", k), "frog row")["cosine_mean"]) + 1e-12
+              < max(float(_found(_approx(approx, m, k, z), f"{m} row")["cosine_mean"])
+                    for m in ("mean", "sum") for z in (False, True))]
     exact = _approx(approx, "frog", 64)
-    exact_ok = exact is not None and float(exact["cosine_mean"]) > 0.99999 and abs(float(exact["norm_ratio_mean"]) - 1) < 1e-4
+    exact = _found(exact, "frog row at k = n = 64")
+    exact_ok = float(exact["cosine_mean"]) > 0.99999 and abs(float(exact["norm_ratio_mean"]) - 1) < 1e-4
     out.append(("frog is better than the conical combinations (sum, mean) and exact at k = n.",
                 not beaten and exact_ok,
                 (f"frog's cosine >= every conical combination at each k > 1 (exceptions: {beaten or 'none'}); "
@@ -68,7 +80,7 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
     small, right = "15.0", "90.0"
     frog_small, frog_right = _approx(angles, "frog", 16, angle=small), _approx(angles, "frog", 16, angle=right)
     mean_small, mean_right = _approx(angles, "mean", 16, angle=small), _approx(angles, "mean", 16, angle=right)
-    if None not in (frog_small, frog_right, mean_small, mean_right):
+    if frog_small is not None and frog_right is not None and mean_small is not None and mean_right is not None:
         stable = abs(float(frog_small["cosine_mean"]) - float(frog_right["cosine_mean"])) <= (
             float(frog_small["cosine_ci"]) + float(frog_right["cosine_ci"]) + 1e-9)
         degrades = float(mean_small["cosine_mean"]) < float(mean_right["cosine_mean"]) - float(mean_right["cosine_ci"])
@@ -80,7 +92,8 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
     fg_ks = sorted({int(r["k"]) for r in summary if r["method"] == "fg-mean"})
     cells = sorted({(str(r["function"]), int(r["n"])) for r in summary})
     if len(fg_ks) > 1:
-        results = [_compare(_best(summary, f, n, "fg-mean", fg_ks[-1]), _best(summary, f, n, "fg-mean", fg_ks[0]))
+        results = [_compare(_found(_best(summary, f, n, "fg-mean", fg_ks[-1]), f"fg-mean run {f} n = {n}"),
+                            _found(_best(summary, f, n, "fg-mean", fg_ks[0]), f"fg-mean run {f} n = {n}"))
                    for f, n in cells]
         wins, ties, losses = results.count(-1), results.count(0), results.count(1)
         out.append(("In optimization more tangents help.", wins >= losses and wins > 0,
@@ -88,7 +101,9 @@ def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row])
                     f"{wins} lower, {ties} equal, {losses} higher best value")))
     pairs = [(f, n, k) for f, n in cells for k in fg_ks if _best(summary, f, n, "frog", k) is not None]
     if pairs:
-        results = [_compare(_best(summary, f, n, "frog", k), _best(summary, f, n, "fg-mean", k)) for f, n, k in pairs]
+        results = [_compare(_found(_best(summary, f, n, "frog", k), f"frog run {f} n = {n} k = {k}"),
+                            _found(_best(summary, f, n, "fg-mean", k), f"fg-mean run {f} n = {n} k = {k}"))
+                   for f, n, k in pairs]
         wins, ties, losses = results.count(-1), results.count(0), results.count(1)
         dims = sorted({n for _, n, _ in pairs})
         large = [r for (f, n, k), r in zip(pairs, results, strict=False) if n == dims[-1]]

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import MissingData
-from ..functions import FUNCTIONS
-from ..plots import plot_approximation, plot_optimization
-from ..results import read_csv, write_csv
+from ..training.data import MissingData
+from ..training.functions import FUNCTIONS
+from ..training.plots import plot_approximation, plot_optimization
+from ..training.results import read_csv, write_csv
 from . import approximation, optimization
 from .networks import PAPER_APPROACHES, SUMMARY_COLUMNS, NetworkRuns, run_networks
 from .report import write_report

@@ -1,6 +1,6 @@
 """Routing a library function to frog's own for the length of a context: the one mechanism behind
-frog's forward-mode rules (:mod:`frog.attention`, :mod:`frog.batchnorm`, :mod:`frog.plain_kernels`)
-and its same-masks passes (:mod:`frog.masks`).
+frog's forward-mode rules (:mod:`.attention`, :mod:`.batchnorm`, :mod:`.plain_kernels`) and its
+same-masks passes (:mod:`.masks`), all in :mod:`frog.forward_mode`.
 
 Code that looks the function up on its module at call time (``F.batch_norm(...)``, as PyTorch's own
 modules do) is routed; a name imported before keeps the original. Not thread-safe: it patches modules.

@@ -39,9 +39,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .results import read_csv, write_csv
-from .tangents import derive_seed
-from .train import TrainConfig
+from ..tangents import derive_seed
+from ..training.results import Row, read_csv, write_csv
+from ..training.train import TrainConfig
 
 # trials.csv / lrs.csv columns that name a setting, per kind
 SETTING_COLUMNS = {
@@ -146,7 +146,7 @@ def prepare(job: TuneJob) -> None:
                              f"({'; '.join(diff)}); use another --out or --storage")
 
 
-def run(job: TuneJob, log: Callable[[str], None] = print) -> list[dict[str, object]]:
+def run(job: TuneJob, log: Callable[[str], None] = print) -> list[Row]:
     """Tune every setting of ``job`` to ``job.trials`` trials with ``job.workers`` processes and write
     the outputs; returns the rows of lrs.csv."""
     prepare(job)
@@ -274,7 +274,7 @@ def _flushed_print(message: str) -> None:
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
+def trial_rows(job: TuneJob, setting: Setting) -> list[Row]:
     """One row per trial of the setting's study (trials.csv)."""
     study = optuna.load_study(study_name=setting.name, storage=open_storage(job.storage))
     rows = []
@@ -284,7 +284,8 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
         value = t.value if t.state == TrialState.COMPLETE else None  # Optuna gives pruned ones their last value
         rows.append({**setting.key, "number": t.number, "lr": t.params.get("lr"), "value": value,
                      "state": status(t),
-                     "last_checkpoint": t.last_step, "last_value": t.intermediate_values.get(t.last_step),
+                     "last_checkpoint": t.last_step,
+                     "last_value": t.intermediate_values.get(t.last_step) if t.last_step is not None else None,
                      "seconds": t.user_attrs.get("seconds"),
                      "worker": t.user_attrs.get("worker"), "retry_of": t.user_attrs.get("retry_of")})
     return rows
@@ -293,7 +294,7 @@ def trial_rows(job: TuneJob, setting: Setting) -> list[dict[str, object]]:
 TIE = 1e-9  # relative: complete trials within this of the best value reached the same best
 
 
-def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
+def best_row(rows: Sequence[Row]) -> Row | None:
     """The lrs.csv row of a setting's trials, None if none completed.
 
     Its lr is the best complete trial's; when several reach the best value (within TIE relative, as
@@ -310,7 +311,7 @@ def best_row(rows: Sequence[dict[str, object]]) -> dict[str, object] | None:
     return {**chosen, "objective": chosen["value"], "trials": done, "ties": len(ties)}
 
 
-_cache: dict[tuple[str, str], list[dict[str, object]]] = {}  # (storage, study) -> trial rows
+_cache: dict[tuple[str, str], list[Row]] = {}  # (storage, study) -> trial rows
 
 
 def stored_settings(job: TuneJob) -> list[Setting]:
@@ -324,7 +325,7 @@ def stored_settings(job: TuneJob) -> list[Setting]:
     return settings
 
 
-def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False) -> list[dict[str, object]]:
+def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False) -> list[Row]:
     """Rewrite trials.csv and lrs.csv (and tune.png when ``plot``) from the storage: every study of
     this kind in it, so several calls into one folder build one table.
 
@@ -342,7 +343,7 @@ def write_outputs(job: TuneJob, only: Setting | None = None, plot: bool = False)
     _atomic(job.out_dir / "trials.csv", lambda p: write_csv(p, [*columns, *TRIAL_COLUMNS], trials))
     _atomic(job.out_dir / "lrs.csv", lambda p: write_csv(p, table_columns, best))
     if plot:
-        from .plots import plot_tune
+        from ..training.plots import plot_tune
 
         _atomic(job.out_dir / "tune.png", lambda p: plot_tune({n: _cache[(job.storage, n)] for n in names}, p))
     return best
@@ -371,7 +372,7 @@ def optimize_settings(
     seeds: Sequence[int], steps: int | None, engine: str, optimizer: str, angles: Sequence[float] | None,
 ) -> list[Setting]:
     """One setting per (function, n, method, k, angle), as ``frog optimize`` would run them."""
-    from .experiments.optimization import plan_runs, step_size
+    from .optimization import plan_runs, step_size
 
     settings = []
     for run in plan_runs(functions, dims, tangents, methods, [0], 1.0, angles, optimizer=optimizer):
@@ -387,8 +388,8 @@ def optimize_settings(
 
 def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[str], tangents: Sequence[int]) -> list[Setting]:
     """One setting per (width, method, k) of the network ``base`` describes (bp once per width)."""
-    from .lrs import model_row_name, network_lr, variant_lr
-    from .strategies import DEFAULT_LR
+    from ..training.lrs import model_row_name, network_lr, variant_lr
+    from ..training.strategies import DEFAULT_LR
 
     settings = []
     for width in widths:
@@ -412,8 +413,8 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
 
 def optimize_objective(job: TuneJob, setting: Setting, lr: float, report, trial) -> float:
     """Mean over the seeds of the best value of the run (:func:`frog.experiments.optimization.descend`)."""
-    from .experiments.optimization import Run, descend
-    from .functions import get_function
+    from ..training.functions import get_function
+    from .optimization import Run, descend
 
     key, options = setting.key, setting.options
     steps = options["steps"] or get_function(key["function"]).steps
@@ -437,9 +438,9 @@ _datasets: dict[tuple[str, str | None], Any] = {}
 
 
 def train_objective(job: TuneJob, setting: Setting, lr: float, report, trial) -> float:
-    """Best validation loss of a training run at ``lr`` (:func:`frog.train.train`, resumable)."""
-    from .data import load_dataset
-    from .train import train
+    """Best validation loss of a training run at ``lr`` (:func:`frog.training.train.train`, resumable)."""
+    from ..training.data import load_dataset
+    from ..training.train import train
 
     config = TrainConfig(**setting.options, lr=lr, data_dir=job.data_dir)
     where = (config.dataset, config.data_dir)

@@ -56,7 +56,7 @@ class NormalizedSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "t": 0})
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # takes no closure
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])) if grads else 0
         for group in self.param_groups:
@@ -116,7 +116,7 @@ class ArmijoLineSearch(torch.optim.Optimizer):
             raise ValueError("ArmijoLineSearch takes one parameter group (one step length for all)")
 
     @torch.no_grad()
-    def step(self, closure: LossAt | None = None) -> torch.Tensor:
+    def step(self, closure: LossAt | None = None) -> torch.Tensor:  # type: ignore[override]  # loss_at(params)
         """One line-search step; returns f at the new parameters (f(x) if no step was taken)."""
         if closure is None:
             raise ValueError("the line search needs the loss: call step(loss_at) (see take_step)")
@@ -124,7 +124,8 @@ class ArmijoLineSearch(torch.optim.Optimizer):
         params = group["params"]
         primals = tuple(p.detach() for p in params)
         direction = tuple(-p.grad if p.grad is not None else torch.zeros_like(p) for p in params)
-        value, slope = torch.func.jvp(lambda *tensors: closure(tensors), primals, direction)
+        # the stub's return type also counts has_aux's third value
+        value, slope = torch.func.jvp(lambda *tensors: closure(tensors), primals, direction)  # type: ignore[misc]
         group["evaluations"] += 1
         t = group["lr"] if group["step_size"] is None else group["step_size"] * group["grow"]
         if not (math.isfinite(float(value)) and float(slope) < 0):

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NonFiniteError
-from .estimator import ForwardGradient
+from ..errors import NonFiniteError
+from ..estimator import ForwardGradient
 from .strategies import extra_forward_passes, make_optimizer, take_step
 
 
@@ -45,7 +45,7 @@ def gradient_descent(
 ) -> DescentResult:
     """Descent from ``start`` for ``steps`` steps along g_t, exact (estimator None) or a forward gradient.
 
-    ``optimizer`` is a strategy of :mod:`frog.strategies`; ``sgd`` is x_{t+1} = x_t - lr g_t, and
+    ``optimizer`` is a strategy of :mod:`frog.training.strategies`; ``sgd`` is x_{t+1} = x_t - lr g_t, and
     ``lr`` None takes the strategy's default. The best value is the smallest finite f(x_t),
     t = 0 .. steps. A non-finite value or gradient stops the run early with ``diverged=True``.
     ``on_step(t, best)`` is called after each evaluation (it may raise to stop the run).
@@ -75,6 +75,7 @@ def gradient_descent(
         if on_step is not None:
             on_step(step, best)
         if strategy is None:
+            assert lr is not None  # sgd: checked before the first step
             x -= lr * grad
         else:
             x.grad = grad

@@ -271,7 +271,7 @@ def _vit(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     encoders = [EncoderBlock(VIT_HIDDEN, VIT_HEADS, VIT_MLP) for _ in range(VIT_DEPTH)]
     blocks: OrderedDict[str, nn.Module] = OrderedDict()
     for i, encoder in enumerate(encoders, start=1):
-        parts = [encoder]
+        parts: list[nn.Module] = [encoder]
         if i == 1:
             parts.insert(0, PatchEmbedding(input_shape, VIT_PATCH, VIT_HIDDEN))
         if i == VIT_DEPTH:

@@ -173,7 +173,7 @@ _original = F.scaled_dot_product_attention  # PyTorch's, captured at import (nev
 
 def frog_when_dropping(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the masks of :func:`scaled_dot_product_attention` where it
-    drops (``dropout_p > 0``), PyTorch's fused kernels where not (:mod:`frog.masks` routes to it)."""
+    drops (``dropout_p > 0``), PyTorch's fused kernels where not (:mod:`frog.forward_mode.masks` routes to it)."""
     attention = scaled_dot_product_attention if dropout_p > 0.0 else _original
     return attention(query, key, value, attn_mask, dropout_p, *args, **kwargs)
 

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-Row = dict[str, object]
+from .results import Row
 
 
 def _label(row: Row) -> str:

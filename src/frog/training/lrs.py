@@ -1,4 +1,4 @@
-"""Step-size tables: the paper's, shipped as package data (``frog/lrs/*.csv``), and tuned ones
+"""Step-size tables: the paper's, shipped as package data (``frog/training/lrs/*.csv``), and tuned ones
 (``frog tune`` writes ``lrs.csv`` in the same format; ``--lr-table PATH`` reads it)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def load_table(name: str) -> tuple[dict[str, str], ...]:
     """Rows of the table ``name`` (one of TABLES) as dicts of strings."""
     if name not in TABLES:
         raise ValueError(f"unknown learning-rate table {name!r}; choose one of {', '.join(TABLES)}")
-    with resources.files("frog").joinpath("lrs", f"{name}.csv").open(newline="") as handle:
+    table = resources.files("frog.training").joinpath("lrs").joinpath(f"{name}.csv")  # one name a call (3.10)
+    with table.open(newline="") as handle:  # type: ignore[call-overload]  # Traversable's stub lacks newline
         return tuple(csv.DictReader(handle))
 
 
@@ -103,7 +104,7 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
     return lr, note
 
 
-def variant_lr(model: str, width: int, dataset: str, method: str, k: int, variant: str) -> tuple[float, str]:
+def variant_lr(model: str, width: int, dataset: str, method: str, k: int | None, variant: str) -> tuple[float, str]:
     """Step size of an estimator the paper has no row for (``variant``: ``guess``, ``per-example`` or
     ``guess+per-example``, SPEC 5): frog's own table ``tuned.csv`` (its ``source`` column holds the
     tune's command; ``guess+per-example`` falls back to the ``guess`` row), else backprop's paper step

@@ -119,7 +119,7 @@ def batch_norm(
     """
     if not training or torch.overrides.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
         return _original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    F._verify_batch_size(input.size())
+    F._verify_batch_size(input.size())  # type: ignore[attr-defined]  # private, not in the stubs
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     return _BatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps)[0]

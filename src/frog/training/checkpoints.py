@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 PLAIN = (str, int, float, bool, type(None))  # exactly these types: e.g. numpy.float64, a float subclass, is not
 CONTAINERS = (dict, OrderedDict, list, tuple, torch.Size)
@@ -59,7 +59,7 @@ def load(path: Path, map_location: torch.device | str | None = None) -> dict[str
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain values (not written by this frog, or damaged); "
             f"frog does not unpickle them, since that could run code. Either {restart}, or, only if you trust "
-            f"the file, convert it once: python -c \"from frog.checkpoints import convert; convert('{path}')\""
+            f"the file, convert it once: python -c \"from frog.training.checkpoints import convert; convert('{path}')\""
         ) from None
     except (RuntimeError, EOFError) as error:
         raise CheckpointError(f"{path} cannot be read ({error}); {restart}") from None
@@ -83,7 +83,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Mapping):
-        return type(value)((key, _plain(item)) for key, item in value.items())
+        return type(value)((key, _plain(item)) for key, item in value.items())  # type: ignore[call-arg]
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(item) for item in value)
     return value
@@ -97,6 +97,8 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
 
 def set_rng_state(state: Mapping[str, torch.Tensor | None], device: torch.device) -> None:
     """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["cpu"].cpu())
+    cpu = state["cpu"]
+    assert cpu is not None  # rng_state always has the CPU's
+    torch.set_rng_state(cpu.cpu())
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)

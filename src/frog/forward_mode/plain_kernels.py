@@ -53,7 +53,7 @@ def _without_fused_backends(recurrent: Callable) -> Callable:
 
     def run(*args, **kwargs):
         mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
-        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+        torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False  # type: ignore[assignment]
         try:
             return recurrent(*args, **kwargs)
         finally:
@@ -94,6 +94,8 @@ def embedding_bag(input: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
         indices = input.reshape(-1)
         weights = None if per_sample_weights is None else per_sample_weights.reshape(-1)
     else:  # bag i is input[offsets[i]:offsets[i + 1]] (offsets[0] = 0), the last one up to the end
+        if offsets is None:
+            raise ValueError("embedding_bag: offsets has to be a 1D Tensor but got None")  # as F.embedding_bag
         bags = offsets.numel() - (1 if include_last_offset else 0)
         ends = offsets[1:] if include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([input.numel()])])
         bag_of = torch.arange(bags, device=input.device).repeat_interleave(ends - offsets[:bags])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .estimator import ForwardGradient
+from typing import Any
+
+from ..estimator import ForwardGradient
 
 AGGREGATION_OF = {"fg-mean": "mean", "fg-sum": "sum", "frog": "project"}
 METHOD_NAMES = ("bp", *AGGREGATION_OF)
@@ -13,7 +15,7 @@ def check_method_name(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
 
 
-def estimator_for(method: str, num_tangents: int, **options: object) -> ForwardGradient | None:
+def estimator_for(method: str, num_tangents: int, **options: Any) -> ForwardGradient | None:
     """The ForwardGradient of ``method`` with k tangents, or None for ``bp`` (exact gradients).
 
     ``options`` go to :class:`ForwardGradient` (tangents, engine, seed, angle, ...).

@@ -5,7 +5,7 @@ the validation loss. Every epoch appends a row to ``metrics.csv`` and then write
 ``resume=True`` continues from the checkpoint with the same numbers as an uninterrupted run (the
 data order of epoch e and the tangents of step t depend only on the seed, e and t; the global torch
 random state is restored too). Checkpoints hold tensors and plain values only and are read with
-``weights_only=True`` (:mod:`frog.checkpoints`): a checkpoint cannot run code.
+``weights_only=True`` (:mod:`frog.training.checkpoints`): a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..distributed import Communicator
+from ..engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
+from ..errors import CheckpointError, NonFiniteError
+from ..estimator import PERTURBATIONS, ForwardGradient
+from ..example_tangents import EXAMPLE_KINDS
+from ..guesses import LocalHeads
+from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
-from .distributed import Communicator
-from .engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
-from .errors import CheckpointError, NonFiniteError
-from .estimator import PERTURBATIONS, ForwardGradient
-from .example_tangents import EXAMPLE_KINDS
-from .guesses import LocalHeads
 from .lrs import model_row_name, network_lr, table_lr, variant_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
-from .results import CsvLog, read_csv, write_csv
+from .results import CsvLog, Row, read_csv, write_csv
 from .strategies import DEFAULT_LR, check_strategy, extra_forward_passes, make_optimizer, module_loss_at, take_step
-from .tangents import STRUCTURED, check_rank, derive_seed
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
            "seconds", "lr", "steps", "diverged", "comm_bytes_per_step", "extra_forward_passes_per_step"]
@@ -203,7 +203,7 @@ def train(
     data: Dataset | None = None,
     communicator: Communicator | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, str]]:
+) -> list[Row]:
     """Train as configured, writing ``config.json``, ``metrics.csv`` and ``checkpoint.pt`` into
     ``out_dir``; returns the metric rows. ``data`` overrides loading the configured dataset.
     ``on_epoch(row)`` is called after each epoch's row and checkpoint are written (it may raise to stop).
@@ -240,7 +240,7 @@ def train(
                               **example_options(config, data.num_classes))
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
-    state = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
+    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
     if comm is not None:
         comm.check_same(**asdict(config), resume=resume, world=comm.world)
         if comm.mode == "data" and config.perturbation == "activity" and estimator is not None:
@@ -273,6 +273,8 @@ def train(
     if comm is not None:
         comm.barrier()
 
+    batch_size = config.batch_size
+    assert batch_size is not None  # resolved with the learning rate above
     diverged = False  # in the last epoch run here (resuming a finished run runs none)
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
@@ -280,9 +282,9 @@ def train(
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
         total_loss, correct, seen, diverged = 0.0, 0, 0, False
         model.train()
-        steps = batches(data.train, config.batch_size, shuffle=True, generator=generator, device=device)
+        steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=device)
         sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
-        for x, y in tqdm(steps, total=math.ceil(len(data.train) / config.batch_size), desc=f"epoch {epoch}",
+        for x, y in tqdm(steps, total=math.ceil(len(data.train) / batch_size), desc=f"epoch {epoch}",
                          disable=not (progress and main_rank), leave=False):
             if comm is not None and comm.mode == "data":
                 if len(y) < comm.world:
@@ -301,8 +303,8 @@ def train(
         if comm is not None and comm.mode == "data":  # the epoch's training totals over all shards
             totals = comm.sum_over_ranks(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
             total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-        val_loss, val_accuracy = evaluate(model, data.val, config.batch_size, device)
-        test_loss, test_accuracy = evaluate(model, data.test, config.batch_size, device)
+        val_loss, val_accuracy = evaluate(model, data.val, batch_size, device)
+        test_loss, test_accuracy = evaluate(model, data.test, batch_size, device)
         if val_loss < state["best_val"]:
             state["best_val"], state["bad_epochs"] = val_loss, 0
         else:
@@ -318,6 +320,7 @@ def train(
             "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
         }
         if main_rank:
+            assert metrics is not None  # the main rank writes the metrics
             metrics.append(row)
             checkpoints.save(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),

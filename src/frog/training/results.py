@@ -6,6 +6,9 @@ import csv
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]  # a CSV row: written from any values (:func:`text`), read back as strings
 
 
 def prepare_out_dir(path: str | Path) -> Path:
@@ -33,7 +36,7 @@ class CsvLog:
     def __init__(self, path: str | Path, columns: Sequence[str], defaults: dict[str, object] | None = None) -> None:
         self.path = Path(path)
         self.columns = list(columns)
-        self.rows: list[dict[str, str]] = []
+        self.rows: list[Row] = []
         if self.path.exists() and self.path.stat().st_size > 0:
             header, self.rows = read_csv(self.path)
             if header != self.columns and self.columns[: len(header)] == header:  # written by an older frog
@@ -55,7 +58,7 @@ class CsvLog:
         keys = list(key_columns)
         return {tuple(row[c] for c in keys) for row in self.rows}
 
-    def append(self, row: dict[str, object]) -> None:
+    def append(self, row: Row) -> None:
         """Write one row at once (missing columns stay empty)."""
         written = {c: text(row.get(c, "")) for c in self.columns}
         with self.path.open("a", newline="") as handle:
@@ -63,14 +66,14 @@ class CsvLog:
         self.rows.append(written)
 
 
-def read_csv(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+def read_csv(path: str | Path) -> tuple[list[str], list[Row]]:
     """Header and rows (dicts of strings) of a CSV file."""
     with Path(path).open(newline="") as handle:
         reader = csv.DictReader(handle)
         return list(reader.fieldnames or []), list(reader)
 
 
-def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> Path:
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Row]) -> Path:
     """Write a whole (derived) table at once, replacing the file."""
     with Path(path).open("w", newline="") as handle:
         writer = csv.writer(handle)
