@@ -111,6 +111,7 @@ def example_plan(
     batch = next(h.shape[0] for h, s in zip(outputs, shared, strict=True) if not s)
     layouts: list[Layout] = [Dense(f) if s else PerExample(f, batch) for f, s in zip(features, shared, strict=True)]
     like = outputs[0]
+    # every block is given below, so the plan's kind, seed and step draw nothing
     plan = TangentPlan("normal", k, features, seed=0, step=0, device=like.device, dtype=like.dtype,
                        cache=True, track_gram=track_gram, layouts=layouts)
     for b, layout in enumerate(layouts):
