@@ -232,7 +232,7 @@ class ForwardGradient:
         extras = [f"rank={self.rank}"] if self.tangents in STRUCTURED else []
         extras += ["per_example=True"] if self.per_example else []
         extras += [f"relu_mask={self.relu_mask}"] if self.relu_mask != (self.per_example or guess_on) else []
-        extras += [f"guess={type(self.guess).__name__}"] if self.guess is not None else []
+        extras += [f"guess={type(self.guess).__name__}"] if guess_on else []
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
             f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step}"
@@ -306,7 +306,9 @@ class ForwardGradient:
         if self.aggregation == "project":
             gram = plan.gram() if transform is None else transform @ plan.gram() @ transform.T
         coeffs = coefficients(gram, jvps, self.aggregation, rtol=self.rtol)
-        if self.scale_correction and self.guess is None:  # input-span tangents span less than n: the gradient lies in that space
+        # no correction with guesses (their components have the gradient's length); input-span tangents
+        # span less than n: the gradient lies in that space
+        if self.scale_correction and self.guess is None:
             n = plan.spanned_dimension()
             mean_sq = mean_squared_norm(self.tangents, self.normalize, n)
             coeffs = coeffs * scale_correction(self.aggregation, self.num_tangents, n, mean_sq)
