@@ -38,6 +38,7 @@ LAYERS: dict[str, list[str]] = {  # lowest first
         "frog.example_tangents",
         "frog.distributed",
         "frog.estimator",
+        "frog.mezo",
         "frog.quality",
     ],
     # applications of the estimator: test problems, networks, data, training loop, tables, files, plots

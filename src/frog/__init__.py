@@ -11,6 +11,7 @@ from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
 from .guesses import GuessSource, LocalHeads
 from .layouts import combine
+from .mezo import MeZO
 from .tangents import KINDS, TangentPlan, sample_tangents
 from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
 
@@ -26,6 +27,7 @@ __all__ = [
     "ForwardModeError",
     "GuessSource",
     "LocalHeads",
+    "MeZO",
     "NonFiniteError",
     "TangentPlan",
     "aggregate",

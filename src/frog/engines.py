@@ -184,19 +184,27 @@ class JvpEngine(Engine):
     When the k tangents (as held: dense, or packed factors for routed blocks) would take more than
     ``budget_mb`` megabytes, the rows are split into chunks that fit, one pass per chunk (the primal
     is then computed once per chunk, and the tangents are generated again for the Gram matrix and
-    the estimate instead of being kept).
+    the estimate instead of being kept). ``max_streams`` caps the rows of a chunk: every
+    intermediate of the pass is held for each row of its chunk (k tangent streams beside the primal),
+    so at most ``max_streams`` streams at a time bound the activation memory, at the cost of
+    k / max_streams primal passes (1: the ``loop`` engine's memory).
     """
 
     name = "jvp"
 
-    def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
+    def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB, max_streams: int | None = None) -> None:
         self.budget_bytes = budget_bytes(budget_mb)
+        if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int)
+                                        or max_streams < 1):
+            raise ValueError(f"max_streams must be an integer >= 1 or None, got {max_streams!r}")
+        self.max_streams = max_streams
 
     def __call__(self, fn, primals, plan, rows=None, users=None):
         split = Split(primals, plan, users)
         wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
         itemsize = next(iter(primals.values())).element_size()
         size = rows_within(self.budget_bytes, len(wanted), split.tangent_size(plan), itemsize)
+        size = min(size, self.max_streams or size)
         chunks = [wanted[i:i + size] for i in range(0, len(wanted), size)]
         run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
 
@@ -362,10 +370,14 @@ def check_scalar(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def make_engine(name: str, fd_step: float = 1e-3, tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> Engine:
-    """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``)."""
+def make_engine(name: str, fd_step: float = 1e-3, tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB,
+                max_streams: int | None = None) -> Engine:
+    """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``); ``max_streams``: jvp only."""
+    if max_streams is not None and name != "jvp":
+        raise ValueError(f"max_streams bounds the vectorized passes of engine='jvp', not engine={name!r} "
+                         "(loop runs one stream at a time): drop it or use engine='jvp'")
     if name == "jvp":
-        return JvpEngine(tangent_budget_mb)
+        return JvpEngine(tangent_budget_mb, max_streams)
     if name == "loop":
         return LoopEngine()
     if name == "sim":

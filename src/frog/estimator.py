@@ -36,6 +36,7 @@ from .engines import (
 )
 from .errors import NonFiniteError
 from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
+from .forward_mode.batchnorm import frozen_running_stats
 from .forward_mode.masks import same_masks
 from .forward_mode.plain_kernels import plain_checkpoints
 from .guesses import GuessSource
@@ -55,29 +56,6 @@ class _LossOf(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.loss_fn(self.model)
-
-
-@contextmanager
-def _frozen_running_stats(freeze: bool) -> Iterator[list[nn.modules.batchnorm._BatchNorm]]:
-    """Stop BatchNorm layers in train mode from updating running statistics (they still use batch
-    statistics); yields the frozen modules so the caller can update them once afterwards. Every
-    BatchNorm that runs within the context counts, also one outside the model that the loss function
-    calls (a GAN's discriminator in the generator's loss)."""
-    frozen: list[nn.modules.batchnorm._BatchNorm] = []
-
-    def freeze_on_call(module: nn.Module, args) -> None:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
-            module.track_running_stats = False
-            frozen.append(module)
-
-    handle = nn.modules.module.register_module_forward_pre_hook(freeze_on_call) if freeze else None
-    try:
-        yield frozen
-    finally:
-        if handle is not None:
-            handle.remove()
-        for module in frozen:
-            module.track_running_stats = True
 
 
 def _replicas(model: nn.Module) -> tuple[nn.Module, Communicator | None]:
@@ -112,6 +90,7 @@ class ForwardGradient:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loss = fg.fill_grad(model, lambda m: F.cross_entropy(m(xb), yb))
         opt.step()
+        loss = fg.update(model, loss_fn, lr=0.1)   # or plain SGD in place, with no p.grad buffer at all
 
     Args:
         num_tangents: k >= 1.
@@ -155,6 +134,10 @@ class ForwardGradient:
         blocks: the blocks for activity perturbation (default: found automatically, see
             :func:`frog.activity.blocks_of`; :func:`frog.describe_blocks` shows them).
         communicator: a :class:`frog.distributed.Communicator` to share the work between ranks.
+        max_streams: ``engine="jvp"`` runs at most this many tangent streams in one vectorized pass
+            (default: all k that fit the tangent budget). Each stream holds its own copy of every
+            intermediate, so k streams take about k times inference's activation memory; fewer streams
+            take less memory and more primal passes (:class:`frog.engines.JvpEngine`).
     """
 
     def __init__(
@@ -178,6 +161,7 @@ class ForwardGradient:
         per_example: bool = False,
         relu_mask: bool | None = None,
         guess: GuessSource | None = None,
+        max_streams: int | None = None,
     ) -> None:
         if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
             raise ValueError(f"num_tangents must be an integer >= 1, got {num_tangents!r}")
@@ -210,7 +194,7 @@ class ForwardGradient:
         self.aggregation = aggregation
         self.tangents = tangents
         self.tangent_budget_bytes = budget_bytes(tangent_budget_mb)
-        self.engine = make_engine(engine, fd_step, tangent_budget_mb)
+        self.engine = make_engine(engine, fd_step, tangent_budget_mb, max_streams)
         self.seed = seed
         self.normalize = normalize
         self.angle = angle
@@ -356,6 +340,14 @@ class ForwardGradient:
         weight used by exactly one module that frog sees the inputs of gets right factors in the span
         of those inputs, every other matrix plain low rank (warned once).
         """
+        value, plan, coeffs = self._solve(fn, primals, users)
+        estimates = {name: plan.estimate(b, coeffs).to(tensor.dtype) for b, (name, tensor) in enumerate(primals.items())}
+        return value, estimates
+
+    def _solve(
+        self, fn: Function, primals: dict[str, torch.Tensor], users: Users | None = None
+    ) -> tuple[torch.Tensor, TangentPlan, torch.Tensor]:
+        """(value, plan, coefficients (k,)) of scalar ``fn``: the estimate of block b is ``plan.estimate(b, c)``."""
         names = list(primals)
         users = users or {}
         span = [b for b, name in enumerate(names) if self.tangents == "input-span" and primals[name].dim() >= 2
@@ -364,8 +356,7 @@ class ForwardGradient:
             self._warn_low_rank([name for b, name in enumerate(names) if primals[name].dim() >= 2 and b not in span])
         plan = self.plan([p.shape for p in primals.values()], next(iter(primals.values())), names, span)
         value, coeffs = self.coefficients_of(lambda p: check_scalar(fn(p)), primals, plan, users)
-        estimates = {name: plan.estimate(b, coeffs).to(tensor.dtype) for b, (name, tensor) in enumerate(primals.items())}
-        return value, estimates
+        return value, plan, coeffs
 
     def _warn_low_rank(self, names: list[str]) -> None:
         """Warn once per name that an input-span estimator gives these matrices plain low-rank tangents."""
@@ -424,49 +415,84 @@ class ForwardGradient:
         With ``accumulate`` the estimate is added to existing gradients. ``targets`` (the batch's labels)
         go to the guess source. Returns the loss (detached).
         """
+        value, params, estimates = self._estimates(model, loss_fn, targets, free_grads=not accumulate)
+        for name, estimate in estimates:
+            p = params[name]
+            if accumulate and p.grad is not None:
+                p.grad.add_(estimate)
+            else:
+                p.grad = estimate
+        return value
+
+    def update(
+        self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], lr: float, *, targets: Any = None
+    ) -> torch.Tensor:
+        """One plain SGD step in place, p <- p - lr * estimate, without a gradient buffer: ``p.grad`` is
+        neither read nor written.
+
+        With weight perturbation each parameter's estimate V_b^T c is formed from the step's coefficients
+        c (k numbers) when that parameter is updated, and dropped before the next: the step holds one
+        parameter's estimate at a time, never n numbers (tangents beyond the tangent budget are
+        generated again from the seed; low-rank ones are kept as their factors). With activity
+        perturbation the weight estimates come from the blocks' local products together, so the step
+        holds them (n numbers) while it applies them. Returns the loss (detached), as :meth:`fill_grad`.
+
+        For momentum, Adam or weight decay use :meth:`fill_grad` and a ``torch.optim`` optimizer: that
+        keeps ``p.grad`` (n numbers) and the optimizer's state (Adam: 2 n).
+        """
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        value, params, estimates = self._estimates(model, loss_fn, targets, free_grads=False)
+        with torch.no_grad():
+            for name, estimate in estimates:
+                params[name].sub_(estimate, alpha=lr)
+        return value
+
+    def _estimates(
+        self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], targets: Any, free_grads: bool
+    ) -> tuple[torch.Tensor, dict[str, nn.Parameter], Iterator[tuple[str, torch.Tensor]]]:
+        """(loss, trainable parameters by name, (name, estimate) pairs). Weight perturbation forms each
+        estimate when the pair is taken; ``free_grads`` drops ``p.grad`` before the passes."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model, replicas = _replicas(model)
         if replicas is not None and self.communicator is None:  # DDP over several ranks: average as DDP does
             self.communicator = replicas
             try:
-                return self.fill_grad(model, loss_fn, accumulate=accumulate, targets=targets)
+                return self._estimates(model, loss_fn, targets, free_grads)
             finally:
                 self.communicator = None
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError("the model has no parameters with requires_grad=True")
-        if not accumulate:  # replaced below: free the old gradients before the estimates are built
+        if free_grads:  # replaced: free the old gradients before the estimates are built
             for p in params.values():
                 p.grad = None
         with same_masks(), plain_checkpoints():  # every pass drops the same units; checkpoints run plainly
             if self.perturbation == "activity":
                 value, estimates = self._activity_estimates(model, loss_fn, params, targets)
-            else:
-                value, estimates = self._weight_estimates(model, loss_fn, params)
-        comm = self.communicator
-        if comm is not None and comm.mode == "data" and self.perturbation == "activity":
-            estimates = {name: comm.all_reduce_mean(g) for name, g in estimates.items()}
-        for name, p in params.items():
-            if accumulate and p.grad is not None:
-                p.grad.add_(estimates[name])
-            else:
-                p.grad = estimates[name]
-        return value
+                comm = self.communicator
+                if comm is not None and comm.mode == "data":
+                    estimates = {name: comm.all_reduce_mean(g) for name, g in estimates.items()}
+                return value, params, iter(estimates.items())
+            value, plan, coeffs = self._weight_solve(model, loss_fn, params)
+        lazy = ((name, plan.estimate(b, coeffs).to(p.dtype)) for b, (name, p) in enumerate(params.items()))
+        return value, params, lazy
 
-    def _weight_estimates(self, model, loss_fn, params):
+    def _weight_solve(self, model, loss_fn, params) -> tuple[torch.Tensor, TangentPlan, torch.Tensor]:
+        """Weight perturbation: (loss, plan, coefficients); running statistics updated once."""
         wrapper = _LossOf(model, loss_fn)
 
         def loss_at(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(wrapper, {f"model.{n}": t for n, t in tensors.items()}, (), strict=False)
 
         users = self.weight_users(model, loss_fn, params) if self.tangents in STRUCTURED else None
-        with _frozen_running_stats(freeze=not self.engine.single_pass) as frozen:
-            value, estimates = self.estimate(loss_at, {n: p.detach() for n, p in params.items()}, users)
+        with frozen_running_stats(freeze=not self.engine.single_pass) as frozen:
+            value, plan, coeffs = self._solve(loss_at, {n: p.detach() for n, p in params.items()}, users)
         if frozen:
             with torch.no_grad():
                 loss_fn(model)  # one plain pass updates the running statistics once
-        return value, estimates
+        return value, plan, coeffs
 
     def weight_users(self, model: nn.Module, loss_fn, params: dict[str, torch.Tensor]) -> Users:
         """The known modules (Linear, Conv, Embedding) using each weight of ``model``, for structured tangents.
@@ -480,7 +506,7 @@ class ForwardGradient:
         if cached is None or cached[0] != key:
             candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
             replay = RngReplay(next(iter(params.values())).device)
-            with _frozen_running_stats(freeze=True), torch.no_grad():
+            with frozen_running_stats(freeze=True), torch.no_grad():
                 users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
             replay.reset()
             cached = self._users[model] = (key, users)
@@ -535,7 +561,7 @@ class ForwardGradient:
                      for b, (h, f) in enumerate(zip(outputs, features, strict=True))}
             # no autograd graph on the parameters in the jvp passes (sim enables its own)
             replay.reset()
-            with _frozen_running_stats(freeze=True) as ran, torch.no_grad():
+            with frozen_running_stats(freeze=True) as ran, torch.no_grad():
                 _, coeffs = self.coefficients_of(losses_at, zeros, plan)
             if not per_sample:
                 self._warn_coupled_samples(model, ran)

@@ -83,6 +83,9 @@ def plan_runs(
         get_function(name)
     for method in methods:
         check_method_name(method)
+        if method == "mezo":
+            raise ValueError("mezo perturbs a model's weights in place: use it with frog train (--gradient mezo) "
+                             "or frog.mezo.MeZO; frog optimize compares bp, fg-mean, fg-sum and frog")
     if any(n < 1 for n in dims) or any(k < 1 for k in tangents):
         raise ValueError("dimensions n and tangent counts k must be >= 1")
     for a in angles or []:

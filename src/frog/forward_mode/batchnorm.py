@@ -143,3 +143,26 @@ def forward_mode_batch_norm() -> Iterator[None]:
     """
     with patched(F, "batch_norm", routed_batch_norm) if FUSED else nullcontext():
         yield
+
+
+@contextmanager
+def frozen_running_stats(freeze: bool) -> Iterator[list[torch.nn.modules.batchnorm._BatchNorm]]:
+    """Stop BatchNorm layers in train mode from updating running statistics (they still use batch
+    statistics); yields the frozen modules so the caller can update them once afterwards. Every
+    BatchNorm that runs within the context counts, also one outside the model that the loss function
+    calls (a GAN's discriminator in the generator's loss)."""
+    frozen: list[torch.nn.modules.batchnorm._BatchNorm] = []
+
+    def freeze_on_call(module: torch.nn.Module, args) -> None:
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            frozen.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(freeze_on_call) if freeze else None
+    try:
+        yield frozen
+    finally:
+        if handle is not None:
+            handle.remove()
+        for module in frozen:
+            module.track_running_stats = True

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, NonFiniteError
 from ..estimator import PERTURBATIONS, ForwardGradient
 from ..example_tangents import EXAMPLE_KINDS
 from ..guesses import LocalHeads
+from ..mezo import MeZO
 from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
@@ -72,6 +73,7 @@ class TrainConfig:
     guess: str | None = None
     per_example_tangents: bool = False
     head_lr: float = 0.1
+    mezo_eps: float = 1e-3
 
     @property
     def variant(self) -> str:
@@ -109,6 +111,14 @@ class TrainConfig:
                 self.gradient == "bp" or self.perturbation != "activity" or self.sampler not in EXAMPLE_KINDS):
             raise ValueError("--guess and --per-example-tangents shape activity tangents: use a forward-gradient "
                              "--gradient with --perturbation activity and --sampler normal or rademacher")
+        if self.gradient == "mezo" and (self.sampler != "normal" or self.variant):
+            raise ValueError("--gradient mezo draws its own N(0, 1) directions: drop --sampler, --guess and "
+                             "--per-example-tangents (-k sets its directions per step)")
+        if self.gradient == "mezo" and self.optimizer == "sgd" and self.lr is None and self.lr_table is None:
+            raise ValueError("--gradient mezo has no step-size table: give --lr (MeZO's SGD step sizes are about "
+                             "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/finetune.py for a scaled grid)")
+        if not self.mezo_eps > 0:
+            raise ValueError(f"--mezo-eps must be > 0, got {self.mezo_eps}")
         if not self.head_lr > 0:
             raise ValueError(f"--head-lr must be > 0, got {self.head_lr}")
         if self.lr is not None and self.lr_table is not None:
@@ -161,7 +171,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.devi
     return total_loss / len(split), correct / len(split)
 
 
-def _train_step(model, optimizer, estimator: ForwardGradient | None, x, y, comm: Communicator | None = None):
+def _train_step(model, optimizer, estimator: ForwardGradient | MeZO | None, x, y, comm: Communicator | None = None):
     """One optimizer step; returns the batch's summed loss and number of correct predictions.
 
     In distributed data mode (x, y) is this rank's shard; backprop then all-reduces its gradients."""
@@ -216,6 +226,8 @@ def train(
     if not main_rank:
         log = _silent
     config.check()
+    if comm is not None and config.gradient == "mezo":
+        raise ValueError("--gradient mezo runs on one process: drop --distributed")
     if comm is not None and comm.mode == "tangent" and config.gradient == "bp":
         raise ValueError("--distributed tangent splits the tangents: use a forward-gradient method, or --distributed data")
     if comm is not None and config.optimizer == "line-search":
@@ -237,6 +249,7 @@ def train(
                               tangents=config.sampler, rank=config.rank,
                               tangent_budget_mb=config.tangent_budget_mb,
                               scale_correction=False,  # the paper's plain estimators
+                              mezo_eps=config.mezo_eps,
                               **example_options(config, data.num_classes))
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
@@ -346,7 +359,7 @@ def _plain(tensor: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
-def _restore(path: Path, device: torch.device, model: nn.Module, optimizer, estimator: ForwardGradient | None
+def _restore(path: Path, device: torch.device, model: nn.Module, optimizer, estimator: ForwardGradient | MeZO | None
              ) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into model, optimizer, estimator and the random state; returns
     the loop state (epoch, best validation loss, epochs without improvement, done)."""
