@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import frog
@@ -55,11 +56,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Characters (B, T) -> (logits (B, T, vocab), mean cross-entropy or None)."""
+    """Characters (B, T) -> (logits (B, T, vocab), mean cross-entropy or None).
+
+    ``checkpoint``: backprop keeps only each block's input and recomputes the block in the backward
+    pass (``torch.utils.checkpoint``, per block); frog's forward-mode passes run the blocks plainly.
+    """
 
     def __init__(self, vocab: int, context: int = 64, dim: int = 64, depth: int = 2, heads: int = 4,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, checkpoint: bool = False) -> None:
         super().__init__()
+        self.checkpoint = checkpoint
         self.token = nn.Embedding(vocab, dim)
         self.position = nn.Embedding(context, dim)
         self.dropout = nn.Dropout(dropout)
@@ -77,7 +83,8 @@ class GPT(nn.Module):
         positions = self.position(torch.arange(idx.shape[1], device=idx.device))  # (T, C): no batch dimension
         x = self.dropout(self.token(idx) + positions)
         for block in self.blocks:
-            x = block(x)
+            checkpointed = self.checkpoint and torch.is_grad_enabled()
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         logits = self.head(self.norm(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss

@@ -241,3 +241,23 @@ def test_cuda_values_and_jvps(case):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kwargs), rtol=1e-4, atol=1e-5)
     _, ref_d = jvp(lambda *a: reference(*a, **kwargs), (q, k, v), tangents)
     torch.testing.assert_close(d_out, ref_d, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "dropout", "all", "float mask"])
+def test_query_blocks_give_the_same_values_jvps_and_vjps(case, monkeypatch):
+    """Long inputs run a block of query rows at a time: the same numbers as one call."""
+    (q, k, v), kwargs = arguments(case)
+    g = gen(8)
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=F64) for t in (q, k, v))
+    cotangent = torch.randn(*q.shape[:-1], v.shape[-1], generator=g, dtype=F64)
+    results = []
+    for elements in (10**9, 2 * 4 * 7 * 2):  # one call; blocks of 2 query rows (3 blocks of 5 rows)
+        monkeypatch.setattr(frog.forward_mode.attention, "CHUNK_ELEMENTS", elements)
+        torch.manual_seed(4)
+        out, d_out = jvp(lambda *a: scaled_dot_product_attention(*a, **kwargs), (q, k, v), tangents)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(4)
+        grads = torch.autograd.grad((scaled_dot_product_attention(*leaves, **kwargs) * cotangent).sum(), leaves)
+        results.append((out, d_out, *grads))
+    for whole, blocks in zip(*results, strict=True):
+        torch.testing.assert_close(blocks, whole, rtol=1e-12, atol=1e-12)

@@ -18,6 +18,12 @@ does: P and P_d are the only (L, S) tensors kept, and a tangent (batched over th
 (L, S) product, one row sum and the two matmuls with v and dv: 1.2-2x faster than PyTorch's
 op-by-op jvp of the same attention (benchmarks/attention.py).
 
+Inputs with more than :data:`CHUNK_ELEMENTS` (L, S) entries run a block of query rows at a time (rows
+attend independently), so a long sequence holds the (L, S) tensors of one block, not of all L rows:
+the memory of PyTorch's fused kernels, which never form them, is out of reach, but a GPT of
+sequence 512 no longer spends most of a jvp's memory on them (benchmarks/memory_frontier.py).
+Smaller inputs take one call, whose values equal the math backend's bit for bit.
+
 :func:`forward_mode_attention` routes ``torch.nn.functional.scaled_dot_product_attention`` to this
 function while frog's forward-mode engines (``jvp``, ``loop``) run, and turns off the fused fast
 paths of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``, so these modules work unchanged.
@@ -33,6 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from .patching import patched
+
+# At most this many (L, S) entries per call of the attention Function: longer inputs run a block of
+# query rows at a time, so the (L, S) tensors (scores, probabilities, their tangents) of one block
+# live at once instead of all of them (2^18 float32 entries: 1 MB per tensor and tangent stream)
+CHUNK_ELEMENTS = 2**18
 
 
 class _Attention(torch.autograd.Function):
@@ -142,7 +153,23 @@ def scaled_dot_product_attention(
         shape = torch.broadcast_shapes((*query.shape[:-1], length), (*key.shape[:-2], 1, length),
                                        () if bias is None else bias.shape)
         noise = torch.dropout(torch.ones(shape, dtype=query.dtype, device=query.device), dropout_p, True)
-    return _Attention.apply(query, key, value, bias, noise, -factor if scale < 0 else factor, factor)[0]
+    scale_q = -factor if scale < 0 else factor
+    rows = max(1, CHUNK_ELEMENTS // (math.prod(query.shape[:-2]) * key.shape[-2]))
+    if rows >= query.shape[-2]:
+        return _Attention.apply(query, key, value, bias, noise, scale_q, factor)[0]
+    parts = []
+    for start in range(0, query.shape[-2], rows):  # query rows attend independently: a block at a time
+        piece = slice(start, start + rows)
+        parts.append(_Attention.apply(query[..., piece, :], key, value, _query_rows(bias, piece),
+                                      _query_rows(noise, piece), scale_q, factor)[0])
+    return torch.cat(parts, -2)
+
+
+def _query_rows(tensor: torch.Tensor | None, piece: slice) -> torch.Tensor | None:
+    """The rows ``piece`` of a (..., L, S) bias or dropout noise (one broadcast over L stays whole)."""
+    if tensor is None or tensor.dim() < 2 or tensor.shape[-2] == 1:
+        return tensor
+    return tensor[..., piece, :]
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:

@@ -1,0 +1,317 @@
+"""Fine-tuning at equal forward-pass budgets: backprop, backprop with checkpointing, MeZO and frog.
+
+A character GPT (examples/char_gpt.py: width 128, 4 blocks, 4 heads, context 64, no dropout) is
+pretrained with backprop (AdamW) on the GPL-3 text and fine-tuned on the MPL-2.0 text, both from
+Debian's base-files (/usr/share/common-licenses; another license, so another vocabulary use and
+phrasing). The last tenth of the MPL-2.0 text is held out: the held-out loss is the mean
+cross-entropy over fixed windows of it. The vocabulary is the union of both texts' characters.
+
+Every method fine-tunes from the same weights with plain SGD on the same batches, for the same
+budget of forward-pass equivalents (FP), and takes the best step size of its grid (by the final
+held-out loss). FP counts a step by its matrix products, a forward pass being 1:
+
+=================  ==========  ===========================================================
+method             FP a step   step
+=================  ==========  ===========================================================
+bp                 3           forward + backward (2); SGD on p.grad
+bp-checkpoint      4           every block under torch.utils.checkpoint: its forward again
+mezo               2           frog.MeZO(eps=1e-3).update: two perturbed forwards, in place
+frog-jvp k         1 + k       ForwardGradient(k, tangents="lowrank", engine="jvp").update: the
+                               primal once, k tangent streams (each as many products as a forward)
+frog-loop k        2 k         the same with engine="loop": primal and one stream per tangent
+frog-activity k    4 + k       activity perturbation with guesses (frog.LocalHeads): a plain
+                               pass, the jvp pass (1 + k) and the blocks' local products (2)
+=================  ==========  ===========================================================
+
+frog's estimators are the plain projections (``scale_correction=False``): an orthogonal projection of
+the gradient, so backprop's step sizes suit them. MeZO's grid is the MeZO paper's SGD grid
+{1e-7, 1e-6, 1e-5} for OPT-13B, scaled by 1.3e10 / n for a model of n parameters: SPSA's estimate
+has about n times the gradient's squared length, so its stable step size shrinks as 1/n.
+
+Each (method, k, step size) runs in its own process; its ``peak_mb`` is the model's size plus the
+highest RSS of its training steps over the memory before them (evaluations excluded, a warm-up step
+on a copy of the weights first, so that code loaded once is not counted; see memory_frontier.py).
+``seconds`` is the training time so far, evaluations excluded.
+
+Writes DIR/finetune.csv (``method,k,forward_passes,heldout_loss,peak_mb,seconds``: the chosen step
+size's evaluation points), DIR/grid.csv (every step size, with an ``lr`` column; a rerun skips the
+runs there), DIR/finetune.png (held-out loss against FP and against seconds) and prints the
+forward passes each frog method needs to reach MeZO's final held-out loss.
+
+    python benchmarks/finetune.py [--out DIR] [--quick] [--budget FP] [--methods bp mezo frog-jvp ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import frog  # noqa: E402
+from char_gpt import GPT  # noqa: E402
+from memory import MB, rss_kib  # noqa: E402
+
+PRETRAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
+FINETUNE_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
+COLUMNS = ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
+OPT_13B = 1.3e10
+BP_GRID = [0.1, 0.3, 1.0]
+MEZO_GRID = [1e-7, 1e-6, 1e-5]  # the MeZO paper's, for OPT-13B: scaled by OPT_13B / n
+RUNS = [("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-jvp", 1), ("frog-jvp", 4), ("frog-jvp", 16),
+        ("frog-loop", 4), ("frog-activity", 16)]
+SIZES = {  # model and schedule: full and --quick
+    False: {"dim": 128, "depth": 4, "context": 64, "batch": 16, "pretrain_steps": 1500, "budget": 6000,
+            "evals": 20, "eval_windows": 64},
+    True: {"dim": 32, "depth": 2, "context": 32, "batch": 4, "pretrain_steps": 30, "budget": 96,
+           "evals": 2, "eval_windows": 8},
+}
+
+
+def forward_passes(method: str, k: int) -> int:
+    """Forward-pass equivalents of one step (module docstring)."""
+    return {"bp": 3, "bp-checkpoint": 4, "mezo": 2 * max(k, 1), "frog-jvp": 1 + k, "frog-loop": 2 * k,
+            "frog-activity": 4 + k}[method]
+
+
+def texts() -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Both texts as indices over their joint vocabulary: (pretraining (N,), fine-tuning (M,), vocabulary)."""
+    missing = [str(p) for p in (PRETRAIN_TEXT, FINETUNE_TEXT) if not p.exists()]
+    if missing:
+        raise SystemExit(f"finetune.py needs {', '.join(missing)} (Debian's base-files package)")
+    pretrain, finetune = PRETRAIN_TEXT.read_text(encoding="utf-8"), FINETUNE_TEXT.read_text(encoding="utf-8")
+    lookup = {c: i for i, c in enumerate(sorted(set(pretrain) | set(finetune)))}
+    encode = lambda text: torch.tensor([lookup[c] for c in text])  # noqa: E731
+    return encode(pretrain), encode(finetune), len(lookup)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next characters (B, T) of the windows starting at ``starts``."""
+    rows = torch.stack([data[s: s + context + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def random_batch(data: torch.Tensor, size: int, context: int, generator: torch.Generator):
+    return windows(data, torch.randint(len(data) - context - 1, (size,), generator=generator), context)
+
+
+def make_model(vocab: int, sizes: dict[str, int]) -> GPT:
+    return GPT(vocab, context=sizes["context"], dim=sizes["dim"], depth=sizes["depth"], heads=4, dropout=0.0)
+
+
+def pretrained(out: Path, quick: bool) -> Path:
+    """Pretrain on GPL-3 with backprop (AdamW) once; the weights are cached in ``out``."""
+    sizes = SIZES[quick]
+    path = out / f"pretrained-{'quick' if quick else 'full'}.pt"
+    if path.exists():
+        return path
+    data, _, vocab = texts()
+    torch.manual_seed(0)
+    model = make_model(vocab, sizes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(sizes["pretrain_steps"]):
+        x, y = random_batch(data, 32, sizes["context"], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        if step % 250 == 0:
+            print(f"pretraining step {step}: loss {loss.item():.3f}", flush=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def stepper(method: str, k: int, lr: float, model: GPT, vocab: int):
+    """step(x, y) -> loss for ``method``: plain SGD at ``lr``."""
+    mean_loss = lambda x, y: lambda m: m(x, y)[1]  # noqa: E731
+    if method in ("bp", "bp-checkpoint"):
+        model.checkpoint = method == "bp-checkpoint"
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+        def backprop(x, y):
+            optimizer.zero_grad(set_to_none=True)
+            loss = mean_loss(x, y)(model)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+        return backprop
+    if method == "mezo":
+        mezo = frog.MeZO(eps=1e-3, directions=k, seed=0)
+        return lambda x, y: mezo.update(model, mean_loss(x, y), lr)
+    if method == "frog-activity":
+        fg = frog.ForwardGradient(k, perturbation="activity", engine="jvp", seed=0, scale_correction=False,
+                                  guess=frog.LocalHeads(vocab, seed=0))
+        token_losses = lambda x, y: lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")  # noqa: E731
+        return lambda x, y: fg.update(model, token_losses(x, y), lr, targets=y)
+    engine = {"frog-jvp": "jvp", "frog-loop": "loop"}[method]
+    fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0,
+                              scale_correction=False)
+    return lambda x, y: fg.update(model, mean_loss(x, y), lr)
+
+
+def fine_tune(method: str, k: int, lr: float, quick: bool, weights: Path) -> list[dict[str, float]]:
+    """In the child process: the evaluation points of one fine-tuning run."""
+    sizes = SIZES[quick]
+    torch.manual_seed(0)
+    _, data, vocab = texts()
+    split = len(data) * 9 // 10
+    train, held_out = data[:split], data[split:]
+    starts = torch.linspace(0, len(held_out) - sizes["context"] - 2, sizes["eval_windows"]).long()
+    eval_x, eval_y = windows(held_out, starts, sizes["context"])
+    model = make_model(vocab, sizes)
+    initial = torch.load(weights)
+    cost = forward_passes(method, k)
+    steps = sizes["budget"] // cost
+    every = max(1, steps // sizes["evals"])
+    generator = torch.Generator().manual_seed(1)
+
+    def heldout() -> float:
+        with torch.no_grad():
+            return model(eval_x, eval_y)[1].item()
+
+    model.load_state_dict(initial)  # warm-up step on the same weights, then back: code loaded once stays out
+    stepper(method, k, lr, copy.deepcopy(model), vocab)(*random_batch(train, sizes["batch"], sizes["context"], generator))
+    generator.manual_seed(1)
+    step = stepper(method, k, lr, model, vocab)
+    heldout()
+    rows = [{"forward_passes": 0, "heldout_loss": heldout(), "peak_mb": 0.0, "seconds": 0.0}]
+    model_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / MB
+    peak, seconds, diverged = 0.0, 0.0, False
+    for index in range(1, steps + 1):
+        x, y = random_batch(train, sizes["batch"], sizes["context"], generator)
+        baseline = rss_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        start = time.perf_counter()
+        try:
+            loss = step(x, y)
+        except frog.NonFiniteError:
+            diverged = True
+        seconds += time.perf_counter() - start
+        peak = max(peak, (rss_kib("VmHWM") * 1024 - baseline) / MB)
+        if diverged or not math.isfinite(float(loss)):
+            rows.append({"forward_passes": index * cost, "heldout_loss": math.inf, "peak_mb": model_mb + peak,
+                         "seconds": seconds})
+            break
+        if index % every == 0 or index == steps:
+            rows.append({"forward_passes": index * cost, "heldout_loss": heldout(), "peak_mb": model_mb + peak,
+                         "seconds": seconds})
+    return rows
+
+
+def grid(method: str, n: int) -> list[float]:
+    return [lr * OPT_13B / n for lr in MEZO_GRID] if method == "mezo" else BP_GRID
+
+
+def run_child(method: str, k: int, lr: float, quick: bool, weights: Path) -> list[dict[str, float]]:
+    command = [sys.executable, __file__, "--child", method, str(k), repr(lr), str(weights)] + (["--quick"] if quick else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def plot(best: dict[tuple[str, int], list[dict[str, str]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (method, k), rows in best.items():
+        label = method + (f" k={k}" if method.startswith("frog") or k > 1 else "")
+        finite = [r for r in rows if math.isfinite(float(r["heldout_loss"]))]
+        for axis, x in zip(axes, ("forward_passes", "seconds"), strict=True):
+            axis.plot([float(r[x]) for r in finite], [float(r["heldout_loss"]) for r in finite], marker=".", label=label)
+    axes[0].set(xlabel="forward-pass equivalents", ylabel="held-out loss (MPL-2.0)")
+    axes[1].set(xlabel="training seconds (2-core CPU)", ylabel="held-out loss (MPL-2.0)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def summary(best: dict[tuple[str, int], list[dict[str, str]]], lrs: dict[tuple[str, int], float]) -> dict:
+    """Each run's final loss, peak and time; the forward passes each method needs to reach MeZO's final loss."""
+    final = {key: rows[-1] for key, rows in best.items()}
+    print(f"{'method':<18}{'lr':>10}{'FP':>8}{'held-out':>10}{'peak MB':>9}{'seconds':>9}{'FP to MeZO final':>18}")
+    target = float(final[("mezo", 1)]["heldout_loss"]) if ("mezo", 1) in final else None
+    result = {}
+    for key, rows in best.items():
+        reach = next((float(r["forward_passes"]) for r in rows if target is not None
+                      and float(r["heldout_loss"]) <= target), None)
+        last = final[key]
+        name = f"{key[0]} k={key[1]}" if key[1] else key[0]
+        print(f"{name:<18}{lrs[key]:>10.3g}{float(last['forward_passes']):>8.0f}{float(last['heldout_loss']):>10.4f}"
+              f"{float(last['peak_mb']):>9.1f}{float(last['seconds']):>9.1f}{'-' if reach is None else f'{reach:.0f}':>18}")
+        result[name] = {"lr": lrs[key], "heldout_loss": round(float(last["heldout_loss"]), 4),
+                        "peak_mb": round(float(last["peak_mb"]), 1), "seconds": round(float(last["seconds"]), 1),
+                        "forward_passes_to_mezo_final": reach}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/finetune")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and budget (the test suite)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (names of finetune.csv)")
+    parser.add_argument("--child", nargs=4, metavar=("METHOD", "K", "LR", "WEIGHTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, k, lr, weights = args.child
+        print(json.dumps(fine_tune(method, int(k), float(lr), args.quick, Path(weights))))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = pretrained(out, args.quick)
+    _, _, vocab = texts()
+    n = sum(p.numel() for p in make_model(vocab, SIZES[args.quick]).parameters())
+    runs = [(m, k) for m, k in RUNS if args.methods is None or m in args.methods]
+    grid_path = out / ("grid-quick.csv" if args.quick else "grid.csv")
+    done = list(csv.DictReader(grid_path.open())) if grid_path.exists() else []
+    with grid_path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, ["lr", *COLUMNS])
+        if not done:
+            writer.writeheader()
+        for method, k in runs:
+            for lr in grid(method, n) if not args.quick else grid(method, n)[-1:]:
+                if any(r["method"] == method and int(r["k"]) == k and float(r["lr"]) == lr for r in done):
+                    continue
+                rows = [{"lr": lr, "method": method, "k": k, **r} for r in run_child(method, k, lr, args.quick, weights)]
+                writer.writerows(rows)
+                file.flush()
+                done += [{key: str(value) for key, value in r.items()} for r in rows]
+                print(f"{method} k={k} lr {lr:.3g}: held-out {rows[0]['heldout_loss']:.4f} -> {rows[-1]['heldout_loss']:.4f} "
+                      f"after {rows[-1]['forward_passes']} FP, {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_mb']:.1f} MB",
+                      flush=True)
+    best, lrs = {}, {}
+    for method, k in runs:
+        candidates = {float(r["lr"]) for r in done if r["method"] == method and int(r["k"]) == k}
+        finals = {lr: float([r for r in done if r["method"] == method and int(r["k"]) == k
+                             and float(r["lr"]) == lr][-1]["heldout_loss"]) for lr in candidates}
+        lrs[(method, k)] = min(finals, key=finals.get)
+        best[(method, k)] = [r for r in done if r["method"] == method and int(r["k"]) == k
+                             and float(r["lr"]) == lrs[(method, k)]]
+    with (out / "finetune.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for rows in best.values():
+            writer.writerows(rows)
+    plot(best, out / "finetune.png")
+    print(json.dumps({"benchmark": "finetune", "parameters": n, "quick": args.quick, "runs": summary(best, lrs)}))
+
+
+if __name__ == "__main__":
+    main()
