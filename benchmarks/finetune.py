@@ -60,9 +60,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import frog  # noqa: E402
-from char_gpt import GPT  # noqa: E402
-from memory import MB, rss_kib  # noqa: E402
+from char_gpt import GPT
+from memory import MB, rss_kib
+
+import frog
 
 PRETRAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
 FINETUNE_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
@@ -93,7 +94,7 @@ def texts() -> tuple[torch.Tensor, torch.Tensor, int]:
         raise SystemExit(f"finetune.py needs {', '.join(missing)} (Debian's base-files package)")
     pretrain, finetune = PRETRAIN_TEXT.read_text(encoding="utf-8"), FINETUNE_TEXT.read_text(encoding="utf-8")
     lookup = {c: i for i, c in enumerate(sorted(set(pretrain) | set(finetune)))}
-    encode = lambda text: torch.tensor([lookup[c] for c in text])  # noqa: E731
+    encode = lambda text: torch.tensor([lookup[c] for c in text])
     return encode(pretrain), encode(finetune), len(lookup)
 
 
@@ -136,7 +137,7 @@ def pretrained(out: Path, quick: bool) -> Path:
 
 def stepper(method: str, k: int, lr: float, model: GPT, vocab: int):
     """step(x, y) -> loss for ``method``: plain SGD at ``lr``."""
-    mean_loss = lambda x, y: lambda m: m(x, y)[1]  # noqa: E731
+    mean_loss = lambda x, y: lambda m: m(x, y)[1]
     if method in ("bp", "bp-checkpoint"):
         model.checkpoint = method == "bp-checkpoint"
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -154,7 +155,7 @@ def stepper(method: str, k: int, lr: float, model: GPT, vocab: int):
     if method == "frog-activity":
         fg = frog.ForwardGradient(k, perturbation="activity", engine="jvp", seed=0, scale_correction=False,
                                   guess=frog.LocalHeads(vocab, seed=0))
-        token_losses = lambda x, y: lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")  # noqa: E731
+        token_losses = lambda x, y: lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")
         return lambda x, y: fg.update(model, token_losses(x, y), lr, targets=y)
     engine = {"frog-jvp": "jvp", "frog-loop": "loop"}[method]
     fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0,

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import frog  # noqa: E402
-from char_gpt import GPT  # noqa: E402
-from memory import MB, rss_kib  # noqa: E402
+from char_gpt import GPT
+from memory import MB, rss_kib
+
+import frog
 
 COLUMNS = ["sweep", "depth", "seq", "batch", "dim", "method", "k", "step_mb", "total_mb", "model_mb", "seconds"]
 VOCAB = 65
@@ -70,7 +71,7 @@ def settings(quick: bool) -> tuple[dict[str, int], dict[str, list[int]]]:
 def step_function(method: str, k: int, model: GPT, x: torch.Tensor, y: torch.Tensor):
     """One training step of ``method`` on the batch (x, y) (B, T)."""
     lr = 1e-6  # one step: the size does not matter for memory
-    mean_loss = lambda m: m(x, y)[1]  # noqa: E731
+    mean_loss = lambda m: m(x, y)[1]
     if method == "inference":
         return lambda: torch.no_grad()(mean_loss)(model)
     if method in ("bp", "bp-checkpoint"):
