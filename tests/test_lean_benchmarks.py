@@ -1,0 +1,56 @@
+"""benchmarks/finetune.py and benchmarks/memory_frontier.py: their --quick runs finish and write what
+they promise (a fresh process per measurement, so these are the slowest tests: about 1.5 min together)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [Path("/usr/share/common-licenses/GPL-3"), Path("/usr/share/common-licenses/MPL-2.0")]
+
+
+def run(script: str, out: Path) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not all(p.exists() for p in TEXTS), reason="needs Debian's /usr/share/common-licenses texts")
+def test_finetune_quick_writes_the_csv(tmp_path):
+    summary = run("finetune.py", tmp_path)
+    with (tmp_path / "finetune.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
+    assert {r["method"] for r in rows} == {"bp", "bp-checkpoint", "mezo", "frog-jvp", "frog-loop", "frog-activity"}
+    assert {int(r["k"]) for r in rows if r["method"] == "frog-jvp"} == {1, 4, 16}
+    starts = [r for r in rows if int(r["forward_passes"]) == 0]
+    assert len({r["heldout_loss"] for r in starts}) == 1  # every method starts from the same pretrained weights
+    assert all(int(r["forward_passes"]) <= 96 for r in rows)  # the quick budget
+    for method in ("bp", "frog-jvp"):  # a step moves the loss: the runs train
+        losses = [float(r["heldout_loss"]) for r in rows if r["method"] == method]
+        assert math.isfinite(losses[-1]) and losses[-1] != losses[0]
+    assert (tmp_path / "finetune.png").stat().st_size > 0
+    assert summary["benchmark"] == "finetune" and "frog-jvp k=16" in summary["runs"]
+    again = run("finetune.py", tmp_path)  # a rerun finds every run in grid-quick.csv: the same table
+    assert again["runs"] == summary["runs"]
+
+
+def test_memory_frontier_quick_writes_the_csv_and_plot(tmp_path):
+    summary = run("memory_frontier.py", tmp_path)
+    with (tmp_path / "memory_frontier.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert {r["sweep"] for r in rows} == {"centre", "depth"}
+    centre = {(r["method"], int(r["k"])): r for r in rows if r["sweep"] == "centre"}
+    assert {"inference", "bp", "bp-checkpoint", "mezo", "frog-jvp", "frog-loop", "frog-activity"} == {m for m, _ in centre}
+    for row in rows:  # the total is the model plus the step
+        assert float(row["total_mb"]) == pytest.approx(float(row["model_mb"]) + float(row["step_mb"]), abs=2e-3)
+    assert (tmp_path / "memory_frontier.png").stat().st_size > 0
+    assert summary["benchmark"] == "memory_frontier" and "lean_frog_total_x_bp" in summary
