@@ -23,8 +23,9 @@ beside the Python runtime, the MeZO paper's measure. glibc returns freed blocks 
 torch.cuda.max_memory_allocated after reset_peak_memory_stats, over memory_allocated.
 
 Sweeps around the centre setting (depth 8, sequence 512, batch 4): depth 2..16, sequence 128..1024,
-batch 1..16; k = 16 and frog-loop-grad at the centre only (frog-loop's memory does not depend on k,
-frog-jvp's grows with it). Rows go to DIR/memory_frontier.csv as they come, and a rerun skips the rows
+batch 1..16. The sweeps measure inference, bp, bp-checkpoint, mezo and frog-loop k = 1 (the lean
+path; frog-jvp k = 1 holds the same); the other frog rows run at the centre only (frog-loop's memory
+does not depend on k, frog-jvp's grows with it). Rows go to DIR/memory_frontier.csv as they come, and a rerun skips the rows
 there; DIR/memory_frontier.png plots step memory against each sweep.
 
     python benchmarks/memory_frontier.py [--out DIR] [--quick] [--device cpu|cuda] [--dim 256]
@@ -54,9 +55,9 @@ import frog
 
 COLUMNS = ["sweep", "depth", "seq", "batch", "dim", "method", "k", "step_mb", "total_mb", "model_mb", "seconds"]
 VOCAB = 65
-SWEEP_METHODS = [("inference", 0), ("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-jvp", 1), ("frog-jvp", 4),
-                 ("frog-loop", 1), ("frog-activity", 4)]
-CENTRE_METHODS = [*SWEEP_METHODS, ("frog-jvp", 16), ("frog-loop", 4), ("frog-loop", 16), ("frog-loop-grad", 1),
+SWEEP_METHODS = [("inference", 0), ("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-loop", 1)]
+QUICK_METHODS = [*SWEEP_METHODS, ("frog-jvp", 1), ("frog-jvp", 4), ("frog-activity", 4)]
+CENTRE_METHODS = [*QUICK_METHODS, ("frog-jvp", 16), ("frog-loop", 4), ("frog-loop", 16), ("frog-loop-grad", 1),
                   ("frog-activity", 16)]
 
 
@@ -143,7 +144,7 @@ def run_child(method: str, k: int, setting: dict[str, int], dim: int, device: st
 def plan_rows(quick: bool) -> list[tuple[str, dict[str, int], str, int]]:
     """(sweep, setting, method, k) of every measurement, the centre setting first."""
     centre, sweeps = settings(quick)
-    rows = [("centre", centre, method, k) for method, k in (SWEEP_METHODS if quick else CENTRE_METHODS)]
+    rows = [("centre", centre, method, k) for method, k in (QUICK_METHODS if quick else CENTRE_METHODS)]
     for sweep, values in sweeps.items():
         for value in values:
             setting = {**centre, sweep: value}

@@ -196,6 +196,20 @@ def test_heads_fit_images_tokens_and_features(shape, targets, expected):
     assert head(torch.randn(shape)).shape == expected
 
 
+def test_conv_heads_give_guesses_that_vary_over_the_image():
+    """Pooling + Linear gives every position the same guess; a conv head first does not."""
+    output = torch.randn(4, 6, 7, 7)
+    targets = torch.tensor([0, 1, 2, 0])
+    for channels, varies in ((0, False), (5, True)):
+        heads = LocalHeads(3, seed=0, conv_channels=channels, exact_output=False)
+        (guess,) = heads.guesses([output.clone().requires_grad_()], targets, torch.zeros(4))
+        assert guess.shape == output.shape
+        spread = (guess - guess.mean((2, 3), keepdim=True)).abs().max()
+        assert (spread > 1e-6) == varies
+    with pytest.raises(ValueError, match="conv_channels must be an integer >= 0"):
+        LocalHeads(3, conv_channels=-1)
+
+
 def test_train_with_guesses_resumes_bit_identically(tmp_path):
     """Heads and their SGD state are in the checkpoint: an interrupted run continues exactly."""
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=4, lr=0.1, batch_size=64,

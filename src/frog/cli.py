@@ -164,6 +164,9 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     p.add_argument("--per-example-tangents", action="store_true",
                    help="independent random activity tangents per example, zero at inactive ReLU units")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="SGD step size of the --guess local heads")
+    p.add_argument("--head-channels", type=int, default=d.head_channels,
+                   help="--guess local on images: a 3x3 convolution to this many channels starts each head (0: "
+                        "average pooling and a Linear only)")
     p.add_argument("--mezo-eps", type=float, default=d.mezo_eps,
                    help="--gradient mezo: the perturbation's scale eps (MeZO's 1e-3); -k sets its directions per step")
     _add_optimizer_option(p)
@@ -204,7 +207,8 @@ def _train(args: argparse.Namespace) -> None:
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
-        guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr, mezo_eps=args.mezo_eps,
+        guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
+        head_channels=args.head_channels, mezo_eps=args.mezo_eps,
     )
     communicator = None
     if args.distributed:
@@ -271,7 +275,8 @@ def _tune(args: argparse.Namespace) -> None:
                        epochs=args.epochs, patience=args.patience,
                        batch_size=args.batch_size, seed=args.seed, device=args.device,
                        tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, guess=args.guess,
-                       per_example_tangents=args.per_example_tangents, head_lr=args.head_lr, mezo_eps=args.mezo_eps)
+                       per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
+                       head_channels=args.head_channels, mezo_eps=args.mezo_eps)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
     out = prepare_out_dir(args.out)
     job = tune.TuneJob(tuple(settings), args.trials, out, args.storage or tune.default_storage(out), seed=args.seed,

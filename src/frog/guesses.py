@@ -70,14 +70,20 @@ def output_gradient(losses: torch.Tensor, output: torch.Tensor) -> torch.Tensor 
     return grad
 
 
-def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int) -> nn.Module:
+def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, conv_channels: int = 0) -> nn.Module:
     """A small classifier of one block output (B, *features) for class targets (B,) or tokens (B, T):
 
     - (B, F): Linear(F, classes);
     - (B, T, C) with targets (B,): mean over tokens, Linear(C, classes);
     - (B, T, C) with targets (B, T): Linear(C, classes) per token;
-    - (B, C, *spatial) (images): average pooling, Linear(C, classes).
+    - (B, C, *spatial) (images): average pooling, Linear(C, classes); with ``conv_channels`` c > 0 and
+      two spatial dimensions, first a 3 x 3 convolution to c channels and a ReLU, and pooling to a 2 x 2
+      grid: Linear(4 c, classes). Its guess then varies over the image (average pooling alone gives
+      every position the same guess).
     """
+    if conv_channels and output.dim() == 4:
+        return nn.Sequential(nn.Conv2d(output.shape[1], conv_channels, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * conv_channels, num_classes))
     if output.dim() == 2:
         return nn.Linear(output.shape[1], num_classes)
     if output.dim() == 3 and targets.dim() == 2:
@@ -114,6 +120,8 @@ class LocalHeads(GuessSource):
         lr, momentum: the heads' SGD.
         seed: the heads' initial weights.
         exact_output: guess the last block with the loss's exact local gradient (True) or with a head.
+        conv_channels: image blocks' heads start with a 3 x 3 convolution to this many channels
+            (:func:`head_for`); 0: pooling and a Linear only.
 
     Example::
 
@@ -122,7 +130,7 @@ class LocalHeads(GuessSource):
     """
 
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
-                 exact_output: bool = True) -> None:
+                 exact_output: bool = True, conv_channels: int = 0) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not lr > 0:
@@ -130,7 +138,9 @@ class LocalHeads(GuessSource):
         if not 0 <= momentum < 1:
             raise ValueError(f"the heads' momentum must lie in [0, 1), got {momentum}")
         self.num_classes, self.lr, self.momentum, self.seed = num_classes, lr, momentum, seed
-        self.exact_output = exact_output
+        if isinstance(conv_channels, bool) or not isinstance(conv_channels, int) or conv_channels < 0:
+            raise ValueError(f"conv_channels must be an integer >= 0, got {conv_channels!r}")
+        self.exact_output, self.conv_channels = exact_output, conv_channels
         self.heads: nn.ModuleDict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded before the heads were built
@@ -140,7 +150,7 @@ class LocalHeads(GuessSource):
         for b in guessed:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, b))
-                heads[str(b)] = head_for(outputs[b], targets, self.num_classes)
+                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.conv_channels)
         self.heads = nn.ModuleDict(heads).to(device=outputs[0].device, dtype=outputs[0].dtype)
         self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
         if self._pending is not None:

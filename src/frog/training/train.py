@@ -73,6 +73,7 @@ class TrainConfig:
     guess: str | None = None
     per_example_tangents: bool = False
     head_lr: float = 0.1
+    head_channels: int = 0
     mezo_eps: float = 1e-3
 
     @property
@@ -119,6 +120,8 @@ class TrainConfig:
                              "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/finetune.py for a scaled grid)")
         if not self.mezo_eps > 0:
             raise ValueError(f"--mezo-eps must be > 0, got {self.mezo_eps}")
+        if self.head_channels < 0:
+            raise ValueError(f"--head-channels must be >= 0, got {self.head_channels}")
         if not self.head_lr > 0:
             raise ValueError(f"--head-lr must be > 0, got {self.head_lr}")
         if self.lr is not None and self.lr_table is not None:
@@ -133,7 +136,8 @@ def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
     """The estimator's per-example and guess options of a run (none for the paper's protocol)."""
     if config.gradient == "bp":
         return {}
-    guess = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed) if config.guess == "local" else None
+    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, conv_channels=config.head_channels)
+             if config.guess == "local" else None)
     return {"per_example": config.per_example_tangents, "guess": guess}
 
 
