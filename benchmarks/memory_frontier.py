@@ -163,6 +163,7 @@ def plot(rows: list[dict[str, str]], centre: dict[str, int], path: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     methods = sorted({(r["method"], int(r["k"])) for r in rows if r["sweep"] != "centre"}, key=str)
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -171,10 +172,11 @@ def plot(rows: list[dict[str, str]], centre: dict[str, int], path: Path) -> None
             points = sorted((int(r[sweep]), float(r["step_mb"])) for r in rows if r["method"] == method
                             and int(r["k"]) == k and (r["sweep"] == sweep or r["sweep"] == "centre"))
             if points:
-                label = method + (f" k={k}" if k else "")
+                label = method + (f" k={k}" if k else "") + (" (= inference)" if method == "mezo" else "")
                 axis.plot(*zip(*points, strict=True), marker="o", label=label)
         fixed = ", ".join(f"{n} {v}" for n, v in centre.items() if n != sweep)
         axis.set(xscale="log", yscale="log", xlabel=sweep, ylabel="step memory over the model (MB)", title=fixed)
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xticks(sorted({int(r[sweep]) for r in rows}), labels=sorted({r[sweep] for r in rows}, key=int))
     axes[0].legend(fontsize=7)
     figure.tight_layout()
