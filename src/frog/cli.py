@@ -11,7 +11,7 @@ from typing import Any
 from .distributed import DistributedError
 from .engines import ENGINES
 from .training.functions import FUNCTIONS
-from .training.methods import METHOD_NAMES
+from .training.methods import METHOD_NAMES, PAPER_METHODS
 from .training.results import prepare_out_dir, read_csv, write_csv
 from .training.strategies import STRATEGIES
 
@@ -60,7 +60,7 @@ def _optimize_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     p.add_argument("--function", nargs="+", default=["styblinski-tang"], help=f"of {', '.join(FUNCTIONS)}")
     p.add_argument("--dims", nargs="+", type=int, default=[64], help="dimensions n")
     p.add_argument("--tangents", "-k", nargs="+", type=int, default=[1, 2, 4, 16], help="numbers of tangents k")
-    p.add_argument("--methods", nargs="+", default=["bp", "fg-mean", "frog"], help=f"of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--methods", nargs="+", default=["bp", "fg-mean", "frog"], help=f"of {', '.join(PAPER_METHODS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0] if tune else [0, 1, 2, 3, 4],
                    help="seeds of each run" + (" (the objective is the mean of their best values)" if tune else ""))
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the paper's per function)")

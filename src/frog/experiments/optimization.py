@@ -13,7 +13,7 @@ from tqdm import tqdm
 from ..tangents import check_kind
 from ..training.functions import get_function
 from ..training.lrs import math_lr, table_lr
-from ..training.methods import check_method_name, estimator_for
+from ..training.methods import PAPER_METHODS, check_method_name, estimator_for
 from ..training.optimize import DescentResult, gradient_descent
 from ..training.results import CsvLog, Row, text
 from ..training.strategies import DEFAULT_LR, check_strategy
@@ -83,9 +83,9 @@ def plan_runs(
         get_function(name)
     for method in methods:
         check_method_name(method)
-        if method == "mezo":
-            raise ValueError("mezo perturbs a model's weights in place: use it with frog train (--gradient mezo) "
-                             "or frog.mezo.MeZO; frog optimize compares bp, fg-mean, fg-sum and frog")
+        if method not in PAPER_METHODS:
+            raise ValueError(f"{method} perturbs a model's weights in place: use it with frog train (--gradient "
+                             f"{method}) or frog.MeZO; frog optimize compares {', '.join(PAPER_METHODS)}")
     if any(n < 1 for n in dims) or any(k < 1 for k in tangents):
         raise ValueError("dimensions n and tangent counts k must be >= 1")
     for a in angles or []:

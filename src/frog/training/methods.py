@@ -8,7 +8,8 @@ from ..estimator import ForwardGradient
 from ..mezo import MeZO
 
 AGGREGATION_OF = {"fg-mean": "mean", "fg-sum": "sum", "frog": "project"}
-METHOD_NAMES = ("bp", *AGGREGATION_OF, "mezo")
+PAPER_METHODS = ("bp", *AGGREGATION_OF)  # those of frog approx / optimize: functions of a tensor
+METHOD_NAMES = (*PAPER_METHODS, "mezo")
 
 
 def check_method_name(method: str) -> None:
