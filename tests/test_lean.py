@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -165,3 +166,22 @@ def test_mezo_resumes_with_the_same_directions():
     resumed.load_state_dict(second.state_dict())
     resumed.update(model_b, loss_of(x, y), lr=0.01)
     assert torch.equal(flat(model_a.parameters()), flat(model_b.parameters()))
+
+
+def test_frog_train_runs_mezo_and_resumes_bit_identically(tmp_path, capsys):
+    from frog.cli import main
+    from frog.training.train import TrainConfig, train
+
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="mezo", tangents=2, lr=0.01,
+                         batch_size=64, epochs=2)
+    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
+    assert int(straight[-1]["steps"]) == 2 * 17  # one call per batch (the digits training split, batch 64)
+    train(TrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "b", progress=False, log=lambda s: None)
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    saved["config"]["epochs"] = 2
+    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
+    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(resumed) == drop(straight)
+    assert main(["train", "--gradient", "mezo", "--out", str(tmp_path / "c")]) == 2
+    assert "--gradient mezo has no step-size table: give --lr" in capsys.readouterr().err
