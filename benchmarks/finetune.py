@@ -23,14 +23,17 @@ frog-activity k    4 + k       activity perturbation with guesses (frog.LocalHea
                                pass, the jvp pass (1 + k) and the blocks' local products (2)
 =================  ==========  ===========================================================
 
-frog's estimators are the plain projections (``scale_correction=False``): an orthogonal projection of
-the gradient, so backprop's step sizes suit them (grid 0.1, 0.3, 1). MeZO keeps the MeZO paper's eps
+frog's weight-perturbation estimators keep ForwardGradient's default length correction: the projection
+times E[chi_n] / E[chi_k], an estimate of about the gradient's length, so backprop's step sizes suit
+them (grid 0.1, 0.3, 1; the plain projection, about sqrt(k / n) of the gradient's length, would need
+steps about sqrt(n / k) times longer). With guesses there is no correction (the guessed components
+have the gradient's length). MeZO keeps the MeZO paper's eps
 1e-3 and one direction; its SGD grid 1e-7..1e-5 for OPT-13B (1.3e10 parameters) does not carry over
 by a formula. Scaled by 1/n, as SPSA's n-fold squared length suggests, it would be 1.6e-2..1.6 for this
 model's 0.8M parameters, above backprop's own; on the --quick model (29k parameters) the scaled 1e-6,
 0.45, diverged within five steps (the stable step shrinks with the loss's effective rank, not with n:
-MeZO's own analysis). So MeZO gets a wider grid placed below backprop's, 1e-4, 1e-3, 1e-2, 1e-1: three
-decades instead of the paper's two, the best of them taken as for every method.
+MeZO's own analysis). So MeZO gets a wider grid placed below backprop's, 1e-4, 3e-4, 1e-3, 1e-2, 1e-1: three
+decades instead of the paper's two (and 3e-4 between the best two), the best taken as for every method.
 
 Each (method, k, step size) runs in its own process; its ``peak_mb`` is the model's size plus the
 highest RSS of its training steps over the memory before them (evaluations excluded, a warm-up step
@@ -73,7 +76,7 @@ PRETRAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
 FINETUNE_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
 COLUMNS = ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
 BP_GRID = [0.1, 0.3, 1.0]
-MEZO_GRID = [1e-4, 1e-3, 1e-2, 1e-1]  # the MeZO paper's grid 1e-7..1e-5 (OPT-13B), moved to this model (docstring)
+MEZO_GRID = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]  # the MeZO paper's grid 1e-7..1e-5 (OPT-13B), moved to this model (docstring)
 RUNS = [("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-jvp", 1), ("frog-jvp", 4), ("frog-jvp", 16),
         ("frog-loop", 4), ("frog-activity", 16)]
 SIZES = {  # model and schedule: full and --quick
@@ -156,13 +159,11 @@ def stepper(method: str, k: int, lr: float, model: GPT, vocab: int):
         mezo = frog.MeZO(eps=1e-3, directions=k, seed=0)
         return lambda x, y: mezo.update(model, mean_loss(x, y), lr)
     if method == "frog-activity":
-        fg = frog.ForwardGradient(k, perturbation="activity", engine="jvp", seed=0, scale_correction=False,
-                                  guess=frog.LocalHeads(vocab, seed=0))
+        fg = frog.ForwardGradient(k, perturbation="activity", engine="jvp", seed=0, guess=frog.LocalHeads(vocab, seed=0))
         token_losses = lambda x, y: lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")
         return lambda x, y: fg.update(model, token_losses(x, y), lr, targets=y)
     engine = {"frog-jvp": "jvp", "frog-loop": "loop"}[method]
-    fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0,
-                              scale_correction=False)
+    fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0)
     return lambda x, y: fg.update(model, mean_loss(x, y), lr)
 
 
