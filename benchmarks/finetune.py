@@ -8,7 +8,7 @@ cross-entropy over fixed windows of it. The vocabulary is the union of both text
 
 Every method fine-tunes from the same weights with plain SGD on the same batches, for the same
 budget of forward-pass equivalents (FP), and takes the best step size of its grid (by the final
-held-out loss). FP counts a step by its matrix products, a forward pass being 1:
+held-out loss). bp's grid is 0.1, 0.3, 1. FP counts a step by its matrix products, a forward pass being 1:
 
 =================  ==========  ===========================================================
 method             FP a step   step
@@ -24,10 +24,12 @@ frog-activity k    4 + k       activity perturbation with guesses (frog.LocalHea
 =================  ==========  ===========================================================
 
 frog's weight-perturbation estimators keep ForwardGradient's default length correction: the projection
-times E[chi_n] / E[chi_k], an estimate of about the gradient's length, so backprop's step sizes suit
-them (grid 0.1, 0.3, 1; the plain projection, about sqrt(k / n) of the gradient's length, would need
-steps about sqrt(n / k) times longer). With guesses there is no correction (the guessed components
-have the gradient's length). MeZO keeps the MeZO paper's eps
+times E[chi_n] / E[chi_k], an estimate of about the gradient's length. At k = 1 that is MeZO's estimate
+along a low-rank direction divided by sqrt(n) (MeZO's z has |z|^2 about n), and the best step size
+grows about as sqrt(k): so frog's grids sit around MeZO's best (1e-4, found first) times sqrt(n k),
+0.1 and 0.3 for k = 1 and 4, 0.3 and 1 for k = 16. frog-loop gives frog-jvp's estimates (the same
+curve) and runs at frog-jvp's best step size only, for its time and memory. With guesses there is no
+correction (the guessed components have the gradient's length): grid 0.1, 0.3, 1. MeZO keeps the MeZO paper's eps
 1e-3 and one direction; its SGD grid 1e-7..1e-5 for OPT-13B (1.3e10 parameters) does not carry over
 by a formula. Scaled by 1/n, as SPSA's n-fold squared length suggests, it would be 1.6e-2..1.6 for this
 model's 0.8M parameters, above backprop's own; on the --quick model (29k parameters) the scaled 1e-6,
@@ -76,6 +78,7 @@ PRETRAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
 FINETUNE_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
 COLUMNS = ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
 BP_GRID = [0.1, 0.3, 1.0]
+FROG_GRID = {1: [0.1, 0.3], 4: [0.1, 0.3], 16: [0.3, 1.0]}  # about MeZO's best times sqrt(n k) (docstring)
 MEZO_GRID = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]  # the MeZO paper's grid 1e-7..1e-5 (OPT-13B), moved to this model (docstring)
 RUNS = [("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-jvp", 1), ("frog-jvp", 4), ("frog-jvp", 16),
         ("frog-loop", 4), ("frog-activity", 16)]
@@ -217,8 +220,26 @@ def fine_tune(method: str, k: int, lr: float, quick: bool, weights: Path) -> lis
     return rows
 
 
-def grid(method: str) -> list[float]:
-    return MEZO_GRID if method == "mezo" else BP_GRID
+def grid(method: str, k: int, done: list[dict[str, str]]) -> list[float]:
+    """The step sizes to try: MeZO's grid, frog's by k (module docstring), frog-loop only frog-jvp's best
+    at the same k (the same estimates, so the same curve: it shows the time and memory)."""
+    if method == "mezo":
+        return MEZO_GRID
+    if method == "frog-jvp":
+        return FROG_GRID[k]
+    if method == "frog-loop":
+        finals = best_lrs(done, "frog-jvp", k)
+        return [min(finals, key=finals.get)] if finals else FROG_GRID[k]
+    return BP_GRID
+
+
+def best_lrs(done: list[dict[str, str]], method: str, k: int) -> dict[float, float]:
+    """lr -> final held-out loss of the finished runs of (method, k)."""
+    finals: dict[float, float] = {}
+    for row in done:
+        if row["method"] == method and int(row["k"]) == k:
+            finals[float(row["lr"])] = float(row["heldout_loss"])  # the last row of a run is its final
+    return finals
 
 
 def run_child(method: str, k: int, lr: float, quick: bool, weights: Path) -> list[dict[str, float]]:
@@ -293,7 +314,7 @@ def main() -> None:
         if not done:
             writer.writeheader()
         for method, k in runs:
-            for lr in grid(method)[:1] if args.quick else grid(method):
+            for lr in grid(method, k, done)[:1] if args.quick else grid(method, k, done):
                 if any(r["method"] == method and int(r["k"]) == k and float(r["lr"]) == lr for r in done):
                     continue
                 rows = [{"lr": lr, "method": method, "k": k, **r} for r in run_child(method, k, lr, args.quick, weights)]
@@ -305,9 +326,7 @@ def main() -> None:
                       flush=True)
     best, lrs = {}, {}
     for method, k in runs:
-        candidates = {float(r["lr"]) for r in done if r["method"] == method and int(r["k"]) == k}
-        finals = {lr: float([r for r in done if r["method"] == method and int(r["k"]) == k
-                             and float(r["lr"]) == lr][-1]["heldout_loss"]) for lr in candidates}
+        finals = best_lrs(done, method, k)
         lrs[(method, k)] = min(finals, key=finals.get)
         best[(method, k)] = [r for r in done if r["method"] == method and int(r["k"]) == k
                              and float(r["lr"]) == lrs[(method, k)]]

@@ -37,6 +37,9 @@ ROWS = [  # (row, options, networks it runs on: None = all)
     ("frog, guesses, jvp (true forward mode)", FROG + ["--engine", "jvp", "--guess", "local"], {"fc1024"}),
     ("frog, guesses, k = 4", ["--gradient", "frog", "-k", "4", "--engine", "sim", "--guess", "local"], {"fc1024"}),
     ("fg-mean, guesses", ["--gradient", "fg-mean", "-k", "16", "--engine", "sim", "--guess", "local"], {"fc1024"}),
+    ("frog, guesses, lr 0.05", FROG + ["--engine", "sim", "--guess", "local", "--lr", "0.05"], {"resnet18"}),
+    ("frog, guesses, conv heads, lr 0.05", FROG + ["--engine", "sim", "--guess", "local", "--head-channels", "32",
+                                                   "--lr", "0.05"], {"resnet18"}),
 ]
 COLUMNS = ["network", "row", "epochs", "test_accuracy", "seconds_per_epoch", "over_backprop", "lr", "lr_source",
            "command"]
