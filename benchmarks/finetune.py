@@ -26,10 +26,12 @@ frog-activity k    4 + k       activity perturbation with guesses (frog.LocalHea
 frog's weight-perturbation estimators keep ForwardGradient's default length correction: the projection
 times E[chi_n] / E[chi_k], an estimate of about the gradient's length. At k = 1 that is MeZO's estimate
 along a low-rank direction divided by sqrt(n) (MeZO's z has |z|^2 about n), and the best step size
-grows about as sqrt(k): so frog's grids sit around MeZO's best (1e-4, found first) times sqrt(n k),
-0.1 and 0.3 for k = 1 and 4, 0.3 and 1 for k = 16. frog-loop gives frog-jvp's estimates (the same
-curve) and runs at frog-jvp's best step size only, for its time and memory. With guesses there is no
-correction (the guessed components have the gradient's length): grid 0.1, 0.3, 1. MeZO keeps the MeZO paper's eps
+grows about as sqrt(k): so frog's step sizes sit around MeZO's best (1e-4, found first) times
+sqrt(n k): 0.1 and 0.3 for k = 1 (equally good), then 0.3 for k = 4 and 1 for k = 16 (one each: a run
+takes 10-15 minutes on 2 cores). frog-loop gives frog-jvp's estimates (tests/test_lean.py), so the
+same curve, at k times the primal passes: only --quick runs it (at frog-jvp's best step size); its
+memory is in memory_frontier.py. With guesses there is no correction (the guessed components have
+the gradient's length): grid 0.1, 0.3, backprop's best two. MeZO keeps the MeZO paper's eps
 1e-3 and one direction; its SGD grid 1e-7..1e-5 for OPT-13B (1.3e10 parameters) does not carry over
 by a formula. Scaled by 1/n, as SPSA's n-fold squared length suggests, it would be 1.6e-2..1.6 for this
 model's 0.8M parameters, above backprop's own; on the --quick model (29k parameters) the scaled 1e-6,
@@ -78,10 +80,12 @@ PRETRAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
 FINETUNE_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
 COLUMNS = ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
 BP_GRID = [0.1, 0.3, 1.0]
-FROG_GRID = {1: [0.1, 0.3], 4: [0.1, 0.3], 16: [0.3, 1.0]}  # about MeZO's best times sqrt(n k) (docstring)
+FROG_GRID = {1: [0.1, 0.3], 4: [0.3], 16: [1.0]}  # about MeZO's best times sqrt(n k) (docstring)
+GUESS_GRID = [0.1, 0.3]
 MEZO_GRID = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]  # the MeZO paper's grid 1e-7..1e-5 (OPT-13B), moved to this model (docstring)
 RUNS = [("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-jvp", 1), ("frog-jvp", 4), ("frog-jvp", 16),
-        ("frog-loop", 4), ("frog-activity", 16)]
+        ("frog-activity", 16)]
+QUICK_RUNS = [*RUNS[:-1], ("frog-loop", 4), RUNS[-1]]  # frog-loop: frog-jvp's estimates (docstring)
 SIZES = {  # model and schedule: full and --quick
     False: {"dim": 128, "depth": 4, "context": 64, "batch": 16, "pretrain_steps": 500, "budget": 3000,
             "evals": 15, "eval_windows": 64},
@@ -230,7 +234,7 @@ def grid(method: str, k: int, done: list[dict[str, str]]) -> list[float]:
     if method == "frog-loop":
         finals = best_lrs(done, "frog-jvp", k)
         return [min(finals, key=finals.get)] if finals else FROG_GRID[k]
-    return BP_GRID
+    return GUESS_GRID if method == "frog-activity" else BP_GRID
 
 
 def best_lrs(done: list[dict[str, str]], method: str, k: int) -> dict[float, float]:
@@ -306,7 +310,7 @@ def main() -> None:
     weights = pretrained(out, args.quick)
     _, _, vocab = texts()
     n = sum(p.numel() for p in make_model(vocab, SIZES[args.quick]).parameters())
-    runs = [(m, k) for m, k in RUNS if args.methods is None or m in args.methods]
+    runs = [(m, k) for m, k in (QUICK_RUNS if args.quick else RUNS) if args.methods is None or m in args.methods]
     grid_path = out / ("grid-quick.csv" if args.quick else "grid.csv")
     done = list(csv.DictReader(grid_path.open())) if grid_path.exists() else []
     with grid_path.open("a", newline="") as file:
