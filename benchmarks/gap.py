@@ -40,6 +40,8 @@ ROWS = [  # (row, options, networks it runs on: None = all)
     ("frog, guesses, lr 0.05", FROG + ["--engine", "sim", "--guess", "local", "--lr", "0.05"], {"resnet18"}),
     ("frog, guesses, conv heads, lr 0.05", FROG + ["--engine", "sim", "--guess", "local", "--head-channels", "32",
                                                    "--lr", "0.05"], {"resnet18"}),
+    ("frog, guesses, conv heads, lr 0.02", FROG + ["--engine", "sim", "--guess", "local", "--head-channels", "32",
+                                                   "--lr", "0.02"], {"resnet18"}),
 ]
 COLUMNS = ["network", "row", "epochs", "test_accuracy", "seconds_per_epoch", "over_backprop", "lr", "lr_source",
            "command"]
