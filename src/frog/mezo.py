@@ -143,7 +143,7 @@ class MeZO:
 
 
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameters with requires_grad=True")
     return params
