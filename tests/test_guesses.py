@@ -189,25 +189,27 @@ def test_relu_mask_only_where_zeros_cannot_reach_the_parameters():
     assert checker.mask(linear, linear(x)) is None
 
 
+@pytest.mark.parametrize("channels", [0, 5])
 @pytest.mark.parametrize(("shape", "targets", "expected"), [
     ((4, 10), (4,), (4, 3)), ((4, 5, 8), (4,), (4, 3)), ((4, 5, 8), (4, 5), (4, 5, 3)), ((4, 6, 7, 7), (4,), (4, 3))])
-def test_heads_fit_images_tokens_and_features(shape, targets, expected):
-    head = head_for(torch.zeros(shape), torch.zeros(targets, dtype=torch.long), 3)
+def test_heads_fit_images_tokens_and_features(shape, targets, expected, channels):
+    head = head_for(torch.zeros(shape), torch.zeros(targets, dtype=torch.long), 3, channels)
     assert head(torch.randn(shape)).shape == expected
 
 
-def test_conv_heads_give_guesses_that_vary_over_the_image():
-    """Pooling + Linear gives every position the same guess; a conv head first does not."""
-    output = torch.randn(4, 6, 7, 7)
+@pytest.mark.parametrize(("shape", "positions"), [((4, 6, 7, 7), (2, 3)), ((4, 5, 8), (1,))])
+def test_hidden_channels_give_guesses_that_vary_over_positions(shape, positions):
+    """Pooling + Linear gives every pixel or token the same guess; a layer with a ReLU first does not."""
+    output = torch.randn(shape)
     targets = torch.tensor([0, 1, 2, 0])
     for channels, varies in ((0, False), (5, True)):
-        heads = LocalHeads(3, seed=0, conv_channels=channels, exact_output=False)
+        heads = LocalHeads(3, seed=0, hidden_channels=channels, exact_output=False)
         (guess,) = heads.guesses([output.clone().requires_grad_()], targets, torch.zeros(4))
         assert guess.shape == output.shape
-        spread = (guess - guess.mean((2, 3), keepdim=True)).abs().max()
+        spread = (guess - guess.mean(positions, keepdim=True)).abs().max()
         assert (spread > 1e-6) == varies
-    with pytest.raises(ValueError, match="conv_channels must be an integer >= 0"):
-        LocalHeads(3, conv_channels=-1)
+    with pytest.raises(ValueError, match="hidden_channels must be an integer >= 0"):
+        LocalHeads(3, hidden_channels=-1)
 
 
 def test_train_with_guesses_resumes_bit_identically(tmp_path):

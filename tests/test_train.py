@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -277,6 +278,38 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_cosine_schedule_sets_every_steps_size_and_resumes_exactly(tmp_path, monkeypatch):
+    """--lr-schedule cosine: step t of T takes lr (1 + cos(pi t / T)) / 2, across epochs and a resume."""
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.2, batch_size=256, epochs=3,
+                         lr_schedule="cosine")
+    seen = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
+    per_epoch = len(seen) // 3
+    total = 3 * per_epoch
+    assert len(seen) == total and per_epoch > 1
+    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * t / total)) for t in range(total)], rel=1e-12)
+    class Interrupted(Exception):
+        pass
+
+    def stop(row):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):  # killed after epoch 1's checkpoint
+        train(config, tmp_path / "b", progress=False, log=lambda s: None, on_epoch=stop)
+    seen.clear()
+    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * t / total)) for t in range(per_epoch, total)], rel=1e-12)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(resumed) == drop(straight)
+
+
 @pytest.mark.parametrize("sampler", ["lowrank", "input-span"])
 def test_structured_tangents_train_and_resume_from_the_cli(tmp_path, sampler):
     args = ["train", "--model", "fc", "--width", "16", "--dataset", "digits", "--gradient", "frog", "-k", "4",
@@ -337,6 +370,7 @@ def test_training_is_deterministic(tmp_path):
         (["--model", "mlp"], "unknown model"),
         (["--gradient", "adam"], "unknown method"),
         (["--engine", "magic"], "unknown engine"),
+        (["--lr-schedule", "linear"], "invalid choice"),
         (["-k", "0"], ">= 1"),
         (["--sampler", "lowrank"], "--perturbation weight"),
         (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "0"], "rank must be an integer >= 1"),

@@ -13,7 +13,7 @@ from .engines import ENGINES
 from .training.functions import FUNCTIONS
 from .training.methods import METHOD_NAMES, PAPER_METHODS
 from .training.results import prepare_out_dir, read_csv, write_csv
-from .training.strategies import STRATEGIES
+from .training.strategies import LR_SCHEDULES, STRATEGIES
 
 POWERS_OF_TWO = [2**i for i in range(11)]
 
@@ -173,6 +173,8 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     if not tune:
         p.add_argument("--lr", type=float, default=None, help="step size (default: the paper's table for sgd)")
         p.add_argument("--lr-table", default=None, help="CSV of step sizes instead of the paper's, e.g. a tune's lrs.csv")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(LR_SCHEDULES),
+                   help="constant (the paper) or cosine: the step size decays from --lr towards 0 over --epochs")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping on the validation loss")
     p.add_argument("--batch-size", type=int, default=None, help="default 64, 128 for cifar10")
@@ -207,7 +209,7 @@ def _train(args: argparse.Namespace) -> None:
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
-        guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
+        lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
         head_channels=args.head_channels, mezo_eps=args.mezo_eps,
     )
     communicator = None
@@ -274,7 +276,8 @@ def _tune(args: argparse.Namespace) -> None:
                        perturbation=args.perturbation, sampler=args.sampler, rank=args.rank,
                        epochs=args.epochs, patience=args.patience,
                        batch_size=args.batch_size, seed=args.seed, device=args.device,
-                       tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, guess=args.guess,
+                       tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer,
+                       lr_schedule=args.lr_schedule, guess=args.guess,
                        per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
                        head_channels=args.head_channels, mezo_eps=args.mezo_eps)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)

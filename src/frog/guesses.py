@@ -70,26 +70,35 @@ def output_gradient(losses: torch.Tensor, output: torch.Tensor) -> torch.Tensor 
     return grad
 
 
-def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, conv_channels: int = 0) -> nn.Module:
-    """A small classifier of one block output (B, *features) for class targets (B,) or tokens (B, T):
+def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidden_channels: int = 0) -> nn.Module:
+    """A small classifier of one block output (B, *features) for class targets (B,) or tokens (B, T).
+
+    With ``hidden_channels`` c = 0, pooling and one Linear:
 
     - (B, F): Linear(F, classes);
     - (B, T, C) with targets (B,): mean over tokens, Linear(C, classes);
     - (B, T, C) with targets (B, T): Linear(C, classes) per token;
-    - (B, C, *spatial) (images): average pooling, Linear(C, classes); with ``conv_channels`` c > 0 and
-      two spatial dimensions, first a 3 x 3 convolution to c channels and a ReLU, and pooling to a 2 x 2
-      grid: Linear(4 c, classes). Its guess then varies over the image (average pooling alone gives
-      every position the same guess).
+    - (B, C, *spatial) (images): average pooling, Linear(C, classes).
+
+    With c > 0, first a layer to c channels and a ReLU at every position, so that the guess varies over
+    the positions (pooling first gives every token or pixel of a block the same guess):
+
+    - (B, F): Linear(F, c), ReLU, Linear(c, classes);
+    - (B, T, C): Linear(C, c) per token, ReLU, then as above (mean over tokens for targets (B,));
+    - (B, C, H, W): a 3 x 3 convolution to c channels, ReLU, average pooling to a 2 x 2 grid,
+      Linear(4 c, classes).
     """
-    if conv_channels and output.dim() == 4:
-        return nn.Sequential(nn.Conv2d(output.shape[1], conv_channels, 3, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * conv_channels, num_classes))
-    if output.dim() == 2:
-        return nn.Linear(output.shape[1], num_classes)
-    if output.dim() == 3 and targets.dim() == 2:
-        return nn.Linear(output.shape[2], num_classes)
-    if output.dim() == 3:
-        return nn.Sequential(_MeanOver(1), nn.Linear(output.shape[2], num_classes))
+    c = hidden_channels
+    if c and output.dim() == 4:
+        return nn.Sequential(nn.Conv2d(output.shape[1], c, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
+    if output.dim() in (2, 3):
+        features = output.shape[-1]
+        layers: list[nn.Module] = [nn.Linear(features, c), nn.ReLU()] if c else []
+        if output.dim() == 3 and targets.dim() == 1:
+            layers.append(_MeanOver(1))
+        layers.append(nn.Linear(c or features, num_classes))
+        return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
     return nn.Sequential(_MeanOver(tuple(range(2, output.dim()))), nn.Linear(output.shape[1], num_classes))
 
 
@@ -108,7 +117,7 @@ class LocalHeads(GuessSource):
     r"""Guesses from local auxiliary classifiers: for hidden block b, gamma_b = d/dh_b of
     sum_i CE(head_b(h_{b,i}), y_i); for the last block, the loss's own gradient there (exact).
 
-    Each head (:func:`head_for`: pooling plus one Linear) is built on the first step from the block's
+    Each head (:func:`head_for`: pooling plus one Linear, or a small layer first) is built on the first step from the block's
     output, with weights drawn from ``seed`` and the block's index, and trained by its local loss
     (mean over the batch) with ``torch.optim.SGD(lr=lr, momentum=momentum)`` at every step, before the
     network's own step. Cost per step: each head's forward and its local backward, about
@@ -120,8 +129,9 @@ class LocalHeads(GuessSource):
         lr, momentum: the heads' SGD.
         seed: the heads' initial weights.
         exact_output: guess the last block with the loss's exact local gradient (True) or with a head.
-        conv_channels: image blocks' heads start with a 3 x 3 convolution to this many channels
-            (:func:`head_for`); 0: pooling and a Linear only.
+        hidden_channels: each head starts with a layer to this many channels and a ReLU at every
+            position (a 3 x 3 convolution on images, a Linear per token or feature vector;
+            :func:`head_for`); 0: pooling and a Linear only.
 
     Example::
 
@@ -130,7 +140,7 @@ class LocalHeads(GuessSource):
     """
 
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
-                 exact_output: bool = True, conv_channels: int = 0) -> None:
+                 exact_output: bool = True, hidden_channels: int = 0) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not lr > 0:
@@ -138,9 +148,9 @@ class LocalHeads(GuessSource):
         if not 0 <= momentum < 1:
             raise ValueError(f"the heads' momentum must lie in [0, 1), got {momentum}")
         self.num_classes, self.lr, self.momentum, self.seed = num_classes, lr, momentum, seed
-        if isinstance(conv_channels, bool) or not isinstance(conv_channels, int) or conv_channels < 0:
-            raise ValueError(f"conv_channels must be an integer >= 0, got {conv_channels!r}")
-        self.exact_output, self.conv_channels = exact_output, conv_channels
+        if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels < 0:
+            raise ValueError(f"hidden_channels must be an integer >= 0, got {hidden_channels!r}")
+        self.exact_output, self.hidden_channels = exact_output, hidden_channels
         self.heads: nn.ModuleDict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded before the heads were built
@@ -150,7 +160,7 @@ class LocalHeads(GuessSource):
         for b in guessed:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, b))
-                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.conv_channels)
+                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.hidden_channels)
         self.heads = nn.ModuleDict(heads).to(device=outputs[0].device, dtype=outputs[0].dtype)
         self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
         if self._pending is not None:

@@ -10,7 +10,8 @@ true gradient); the last two need no tuned step size:
 - ``normalized``:  :class:`NormalizedSGD`, steps of length lr / sqrt(t + 1) along -g / |g|.
 
 Use :func:`make_optimizer` to build one and :func:`take_step` to step it (the line search needs the
-loss as a function of the parameter values; the others ignore it).
+loss as a function of the parameter values; the others ignore it). :func:`set_scheduled_lr` sets a
+step's size from a schedule over the whole run (``constant``, as the paper, or ``cosine`` decay).
 """
 
 from __future__ import annotations
@@ -25,12 +26,35 @@ STRATEGIES = ("sgd", "adam", "line-search", "normalized")
 # the step size each strategy takes when none is given; sgd has none (it needs a table or --lr)
 DEFAULT_LR = {"adam": 1e-3, "line-search": 1.0, "normalized": 1.0}
 
+LR_SCHEDULES = ("constant", "cosine")
+
 LossAt = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
 
 def check_strategy(name: str) -> None:
     if name not in STRATEGIES:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def check_lr_schedule(name: str) -> None:
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+def scheduled_lr(base: float, schedule: str, step: int, total: int) -> float:
+    """The step size of step ``step`` (0-based) of a run of ``total`` steps: ``base`` (constant), or
+    base (1 + cos(pi step / total)) / 2 (cosine: from base at the first step towards 0 at the last)."""
+    check_lr_schedule(schedule)
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, base: float, schedule: str, step: int, total: int) -> None:
+    """Set every parameter group's step size to :func:`scheduled_lr` before step ``step``."""
+    lr = scheduled_lr(base, schedule, step, total)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _check_lr(lr: float) -> None:

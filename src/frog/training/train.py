@@ -36,7 +36,16 @@ from .lrs import model_row_name, network_lr, table_lr, variant_lr
 from .methods import check_method_name, estimator_for
 from .models import MODELS, make_model
 from .results import CsvLog, Row, read_csv, write_csv
-from .strategies import DEFAULT_LR, check_strategy, extra_forward_passes, make_optimizer, module_loss_at, take_step
+from .strategies import (
+    DEFAULT_LR,
+    check_lr_schedule,
+    check_strategy,
+    extra_forward_passes,
+    make_optimizer,
+    module_loss_at,
+    set_scheduled_lr,
+    take_step,
+)
 
 METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
            "seconds", "lr", "steps", "diverged", "comm_bytes_per_step", "extra_forward_passes_per_step"]
@@ -70,6 +79,7 @@ class TrainConfig:
     tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB
     optimizer: str = "sgd"
     lr_table: str | None = None
+    lr_schedule: str = "constant"
     guess: str | None = None
     per_example_tangents: bool = False
     head_lr: float = 0.1
@@ -106,6 +116,7 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
         check_strategy(self.optimizer)
+        check_lr_schedule(self.lr_schedule)
         if self.guess is not None and self.guess not in GUESSES:
             raise ValueError(f"unknown guess {self.guess!r}; choose one of {', '.join(GUESSES)}")
         if (self.guess is not None or self.per_example_tangents) and (
@@ -136,7 +147,7 @@ def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
     """The estimator's per-example and guess options of a run (none for the paper's protocol)."""
     if config.gradient == "bp":
         return {}
-    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, conv_channels=config.head_channels)
+    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels)
              if config.guess == "local" else None)
     return {"per_example": config.per_example_tangents, "guess": guess}
 
@@ -291,8 +302,9 @@ def train(
         comm.barrier()
 
     batch_size = config.batch_size
-    assert batch_size is not None  # resolved with the learning rate above
+    assert batch_size is not None and config.lr is not None  # resolved above
     diverged = False  # in the last epoch run here (resuming a finished run runs none)
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
         start = time.perf_counter()
@@ -301,8 +313,11 @@ def train(
         model.train()
         steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=device)
         sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
-        for x, y in tqdm(steps, total=math.ceil(len(data.train) / batch_size), desc=f"epoch {epoch}",
-                         disable=not (progress and main_rank), leave=False):
+        for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
+                                            disable=not (progress and main_rank), leave=False)):
+            if config.lr_schedule != "constant":  # the others keep their own step-size state
+                set_scheduled_lr(optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
+                                 config.epochs * steps_per_epoch)
             if comm is not None and comm.mode == "data":
                 if len(y) < comm.world:
                     continue  # too small to give every rank a sample (only ever a last partial batch)
