@@ -165,8 +165,9 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                    help="independent random activity tangents per example, zero at inactive ReLU units")
     p.add_argument("--head-lr", type=float, default=d.head_lr, help="SGD step size of the --guess local heads")
     p.add_argument("--head-channels", type=int, default=d.head_channels,
-                   help="--guess local on images: a 3x3 convolution to this many channels starts each head (0: "
-                        "average pooling and a Linear only)")
+                   help="--guess local: each head starts with a layer to this many channels and a ReLU at every "
+                        "position (a 3x3 convolution on images, a Linear per token), so the guess varies over the "
+                        "positions (0: pooling and a Linear only)")
     p.add_argument("--mezo-eps", type=float, default=d.mezo_eps,
                    help="--gradient mezo: the perturbation's scale eps (MeZO's 1e-3); -k sets its directions per step")
     _add_optimizer_option(p)
