@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import frog
@@ -210,6 +212,23 @@ def test_hidden_channels_give_guesses_that_vary_over_positions(shape, positions)
         assert (spread > 1e-6) == varies
     with pytest.raises(ValueError, match="hidden_channels must be an integer >= 0"):
         LocalHeads(3, hidden_channels=-1)
+
+
+def test_first_token_heads_guess_the_class_token_only():
+    """tokens="first": the head reads token 0 (LayerNorm, Linear), so the guess is zero on every other token
+    and equals autograd's gradient of the head's local loss there."""
+    output, targets = torch.randn(4, 5, 8), torch.tensor([0, 1, 2, 0])
+    heads = LocalHeads(3, seed=0, tokens="first", exact_output=False)
+    heads.guesses([output.clone().requires_grad_()], targets, torch.zeros(4))  # builds and trains the head once
+    head = copy.deepcopy(heads.heads["0"])
+    (guess,) = heads.guesses([output.clone().requires_grad_()], targets, torch.zeros(4))
+    assert torch.all(guess[:, 1:] == 0) and guess[:, 0].abs().min() > 0
+    point = output.clone().requires_grad_()
+    logits = F.layer_norm(point[:, 0], (8,), head[1].weight, head[1].bias) @ head[2].weight.T + head[2].bias
+    (expected,) = torch.autograd.grad(F.cross_entropy(logits, targets, reduction="sum"), point)
+    torch.testing.assert_close(guess, expected)
+    with pytest.raises(ValueError, match="tokens must be one of mean, first"):
+        LocalHeads(3, tokens="last")
 
 
 def test_train_with_guesses_resumes_bit_identically(tmp_path):

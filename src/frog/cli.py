@@ -168,6 +168,9 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                    help="--guess local: each head starts with a layer to this many channels and a ReLU at every "
                         "position (a 3x3 convolution on images, a Linear per token), so the guess varies over the "
                         "positions (0: pooling and a Linear only)")
+    p.add_argument("--head-tokens", default=d.head_tokens, choices=["mean", "first"],
+                   help="--guess local on token blocks (B, T, C): the heads read the mean over tokens or the first "
+                        "token (first: for networks that classify from a class token, as the vit model)")
     p.add_argument("--mezo-eps", type=float, default=d.mezo_eps,
                    help="--gradient mezo: the perturbation's scale eps (MeZO's 1e-3); -k sets its directions per step")
     _add_optimizer_option(p)
@@ -211,7 +214,7 @@ def _train(args: argparse.Namespace) -> None:
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
         lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
-        head_channels=args.head_channels, mezo_eps=args.mezo_eps,
+        head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps,
     )
     communicator = None
     if args.distributed:
@@ -280,7 +283,7 @@ def _tune(args: argparse.Namespace) -> None:
                        tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer,
                        lr_schedule=args.lr_schedule, guess=args.guess,
                        per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
-                       head_channels=args.head_channels, mezo_eps=args.mezo_eps)
+                       head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
     out = prepare_out_dir(args.out)
     job = tune.TuneJob(tuple(settings), args.trials, out, args.storage or tune.default_storage(out), seed=args.seed,

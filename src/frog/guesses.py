@@ -27,6 +27,8 @@ from torch import nn
 
 from .tangents import derive_seed
 
+HEAD_TOKENS = ("mean", "first")  # what a head of a token block reads: the mean over tokens or the first token
+
 
 class GuessSource(ABC):
     """Gives, per block and example, a guess of the block output's gradient (a tangent direction).
@@ -70,13 +72,15 @@ def output_gradient(losses: torch.Tensor, output: torch.Tensor) -> torch.Tensor 
     return grad
 
 
-def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidden_channels: int = 0) -> nn.Module:
+def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidden_channels: int = 0,
+             tokens: str = "mean") -> nn.Module:
     """A small classifier of one block output (B, *features) for class targets (B,) or tokens (B, T).
 
     With ``hidden_channels`` c = 0, pooling and one Linear:
 
     - (B, F): Linear(F, classes);
-    - (B, T, C) with targets (B,): mean over tokens, Linear(C, classes);
+    - (B, T, C) with targets (B,): mean over tokens (``tokens="mean"``) or the first token alone
+      (``tokens="first"``: a class token, with a LayerNorm first, as a ViT's own classifier), Linear(C, classes);
     - (B, T, C) with targets (B, T): Linear(C, classes) per token;
     - (B, C, *spatial) (images): average pooling, Linear(C, classes).
 
@@ -84,11 +88,15 @@ def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidd
     the positions (pooling first gives every token or pixel of a block the same guess):
 
     - (B, F): Linear(F, c), ReLU, Linear(c, classes);
-    - (B, T, C): Linear(C, c) per token, ReLU, then as above (mean over tokens for targets (B,));
+    - (B, T, C): Linear(C, c) per token, ReLU, then as above (for targets (B,), the mean over tokens or
+      the first token);
     - (B, C, H, W): a 3 x 3 convolution to c channels, ReLU, average pooling to a 2 x 2 grid,
       Linear(4 c, classes).
     """
     c = hidden_channels
+    if output.dim() == 3 and targets.dim() == 1 and tokens == "first":
+        return nn.Sequential(_FirstToken(), nn.LayerNorm(output.shape[2]),
+                             head_for(output[:, 0], targets, num_classes, c))
     if c and output.dim() == 4:
         return nn.Sequential(nn.Conv2d(output.shape[1], c, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, num_classes))
@@ -100,6 +108,13 @@ def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidd
         layers.append(nn.Linear(c or features, num_classes))
         return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
     return nn.Sequential(_MeanOver(tuple(range(2, output.dim()))), nn.Linear(output.shape[1], num_classes))
+
+
+class _FirstToken(nn.Module):
+    """Tokens (B, T, C) -> the first token (B, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
 
 
 class _MeanOver(nn.Module):
@@ -132,6 +147,9 @@ class LocalHeads(GuessSource):
         hidden_channels: each head starts with a layer to this many channels and a ReLU at every
             position (a 3 x 3 convolution on images, a Linear per token or feature vector;
             :func:`head_for`); 0: pooling and a Linear only.
+        tokens: token blocks (B, T, C) with class targets: the heads read the mean over tokens
+            (``"mean"``) or the first token (``"first"``: for networks that classify from a class
+            token, as a ViT; the true gradient then lies mostly on that token).
 
     Example::
 
@@ -140,7 +158,7 @@ class LocalHeads(GuessSource):
     """
 
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
-                 exact_output: bool = True, hidden_channels: int = 0) -> None:
+                 exact_output: bool = True, hidden_channels: int = 0, tokens: str = "mean") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not lr > 0:
@@ -150,7 +168,9 @@ class LocalHeads(GuessSource):
         self.num_classes, self.lr, self.momentum, self.seed = num_classes, lr, momentum, seed
         if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels < 0:
             raise ValueError(f"hidden_channels must be an integer >= 0, got {hidden_channels!r}")
-        self.exact_output, self.hidden_channels = exact_output, hidden_channels
+        if tokens not in HEAD_TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(HEAD_TOKENS)}, got {tokens!r}")
+        self.exact_output, self.hidden_channels, self.tokens = exact_output, hidden_channels, tokens
         self.heads: nn.ModuleDict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded before the heads were built
@@ -160,7 +180,7 @@ class LocalHeads(GuessSource):
         for b in guessed:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(self.seed, b))
-                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.hidden_channels)
+                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.hidden_channels, self.tokens)
         self.heads = nn.ModuleDict(heads).to(device=outputs[0].device, dtype=outputs[0].dtype)
         self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
         if self._pending is not None:

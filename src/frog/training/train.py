@@ -27,7 +27,7 @@ from ..engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from ..errors import CheckpointError, NonFiniteError
 from ..estimator import PERTURBATIONS, ForwardGradient
 from ..example_tangents import EXAMPLE_KINDS
-from ..guesses import LocalHeads
+from ..guesses import HEAD_TOKENS, LocalHeads
 from ..mezo import MeZO
 from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
@@ -84,6 +84,7 @@ class TrainConfig:
     per_example_tangents: bool = False
     head_lr: float = 0.1
     head_channels: int = 0
+    head_tokens: str = "mean"
     mezo_eps: float = 1e-3
 
     @property
@@ -131,6 +132,8 @@ class TrainConfig:
                              "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/finetune.py for a scaled grid)")
         if not self.mezo_eps > 0:
             raise ValueError(f"--mezo-eps must be > 0, got {self.mezo_eps}")
+        if self.head_tokens not in HEAD_TOKENS:
+            raise ValueError(f"unknown --head-tokens {self.head_tokens!r}; choose one of {', '.join(HEAD_TOKENS)}")
         if self.head_channels < 0:
             raise ValueError(f"--head-channels must be >= 0, got {self.head_channels}")
         if not self.head_lr > 0:
@@ -147,8 +150,8 @@ def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
     """The estimator's per-example and guess options of a run (none for the paper's protocol)."""
     if config.gradient == "bp":
         return {}
-    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels)
-             if config.guess == "local" else None)
+    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
+                        tokens=config.head_tokens) if config.guess == "local" else None)
     return {"per_example": config.per_example_tangents, "guess": guess}
 
 
