@@ -42,6 +42,13 @@ ROWS = [  # (row, options, networks it runs on: None = all)
                                                    "--lr", "0.05"], {"resnet18"}),
     ("frog, guesses, conv heads, lr 0.02", FROG + ["--engine", "sim", "--guess", "local", "--head-channels", "32",
                                                    "--lr", "0.02"], {"resnet18"}),
+    ("backprop, cosine lr", ["--gradient", "bp", "--lr-schedule", "cosine"], {"resnet18", "vit"}),
+    ("frog, guesses, conv heads, lr 0.05, cosine", FROG + ["--engine", "sim", "--guess", "local", "--head-channels",
+                                                           "32", "--lr", "0.05", "--lr-schedule", "cosine"],
+     {"resnet18"}),
+    ("frog, guesses, class-token heads, lr 0.1, cosine", FROG + ["--engine", "sim", "--guess", "local", "--head-tokens",
+                                                                 "first", "--lr", "0.1", "--lr-schedule", "cosine"],
+     {"vit"}),
 ]
 COLUMNS = ["network", "row", "epochs", "test_accuracy", "seconds_per_epoch", "over_backprop", "lr", "lr_source",
            "command"]
