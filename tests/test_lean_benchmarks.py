@@ -1,4 +1,4 @@
-"""benchmarks/finetune.py and benchmarks/memory_frontier.py: their --quick runs finish and write what
+"""benchmarks/finetune.py, memory_frontier.py and guess_alignment.py: their --quick runs finish and write what
 they promise (a fresh process per measurement, so these are the slowest tests: about 1.5 min together)."""
 
 from __future__ import annotations
@@ -54,3 +54,17 @@ def test_memory_frontier_quick_writes_the_csv_and_plot(tmp_path):
         assert float(row["total_mb"]) == pytest.approx(float(row["model_mb"]) + float(row["step_mb"]), abs=2e-3)
     assert (tmp_path / "memory_frontier.png").stat().st_size > 0
     assert summary["benchmark"] == "memory_frontier" and "lean_frog_total_x_bp" in summary
+
+
+def test_guess_alignment_quick_writes_a_cosine_per_head_and_block(tmp_path):
+    """Each head kind gets one row per hidden block (5 on the ViT); a cosine lies in [-1, 1], its mean
+    square in [0, 1] and at least the squared mean."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guess_alignment.py"), "--quick", "--model", "vit",
+                    "--heads", "mean", "first:8", "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with (tmp_path / "guess_alignment.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["heads"], int(r["block"])) for r in rows] == [(h, b) for h in ("mean", "first:8") for b in range(1, 6)]
+    for r in rows:
+        cosine, square = float(r["cosine"]), float(r["cosine_squared"])
+        assert -1 <= cosine <= 1 and 0 <= square <= 1 and square >= cosine ** 2 - 1e-3
