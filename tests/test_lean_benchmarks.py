@@ -1,4 +1,4 @@
-"""benchmarks/finetune.py, memory_frontier.py and guess_alignment.py: their --quick runs finish and write what
+"""benchmarks/finetune.py, memory_frontier.py, guess_alignment.py and weight_guesses.py: their --quick runs finish and write what
 they promise (a fresh process per measurement, so these are the slowest tests: about 1.5 min together)."""
 
 from __future__ import annotations
@@ -68,3 +68,15 @@ def test_guess_alignment_quick_writes_a_cosine_per_head_and_block(tmp_path):
     for r in rows:
         cosine, square = float(r["cosine"]), float(r["cosine_squared"])
         assert -1 <= cosine <= 1 and 0 <= square <= 1 and square >= cosine ** 2 - 1e-3
+
+
+def test_weight_guesses_quick_projects_onto_the_guesses(tmp_path):
+    """The output layer's guess tangent is that layer's exact gradient, so the estimate with guesses is
+    much closer to the batch gradient than the one from random low-rank tangents alone."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "weight_guesses.py"), "--quick", "--lrs", "0.1",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with (tmp_path / "weight_guesses.csv").open() as file:
+        rows = {r["estimator"]: r for r in csv.DictReader(file)}
+    assert set(rows) == {"bp", "lowrank", "guesses"}
+    assert float(rows["guesses"]["mean_cosine_to_gradient"]) > 2 * float(rows["lowrank"]["mean_cosine_to_gradient"])
