@@ -370,7 +370,7 @@ def test_training_is_deterministic(tmp_path):
         (["--model", "mlp"], "unknown model"),
         (["--gradient", "adam"], "unknown method"),
         (["--engine", "magic"], "unknown engine"),
-        (["--lr-schedule", "linear"], "invalid choice"),
+        (["--lr-schedule", "cosine", "--optimizer", "line-search"], "drop --lr-schedule"),
         (["-k", "0"], ">= 1"),
         (["--sampler", "lowrank"], "--perturbation weight"),
         (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "0"], "rank must be an integer >= 1"),

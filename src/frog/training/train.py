@@ -118,6 +118,8 @@ class TrainConfig:
         budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
         check_strategy(self.optimizer)
         check_lr_schedule(self.lr_schedule)
+        if self.lr_schedule != "constant" and self.optimizer == "line-search":
+            raise ValueError("--optimizer line-search picks its own step sizes: drop --lr-schedule")
         if self.guess is not None and self.guess not in GUESSES:
             raise ValueError(f"unknown guess {self.guess!r}; choose one of {', '.join(GUESSES)}")
         if (self.guess is not None or self.per_example_tangents) and (
