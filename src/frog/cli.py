@@ -213,8 +213,8 @@ def _train(args: argparse.Namespace) -> None:
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
-        lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
-        head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps,
+        lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents,
+        head_lr=args.head_lr, head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps,
     )
     communicator = None
     if args.distributed:

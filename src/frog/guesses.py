@@ -80,7 +80,8 @@ def head_for(output: torch.Tensor, targets: torch.Tensor, num_classes: int, hidd
 
     - (B, F): Linear(F, classes);
     - (B, T, C) with targets (B,): mean over tokens (``tokens="mean"``) or the first token alone
-      (``tokens="first"``: a class token, with a LayerNorm first, as a ViT's own classifier), Linear(C, classes);
+      (``tokens="first"``: a class token, with a LayerNorm first, as a ViT's own classifier),
+      Linear(C, classes);
     - (B, T, C) with targets (B, T): Linear(C, classes) per token;
     - (B, C, *spatial) (images): average pooling, Linear(C, classes).
 
@@ -132,8 +133,8 @@ class LocalHeads(GuessSource):
     r"""Guesses from local auxiliary classifiers: for hidden block b, gamma_b = d/dh_b of
     sum_i CE(head_b(h_{b,i}), y_i); for the last block, the loss's own gradient there (exact).
 
-    Each head (:func:`head_for`: pooling plus one Linear, or a small layer first) is built on the first step from the block's
-    output, with weights drawn from ``seed`` and the block's index, and trained by its local loss
+    Each head (:func:`head_for`: pooling plus one Linear, or a small layer first) is built on the first
+    step from the block's output, with weights drawn from ``seed`` and the block's index, and trained by its local loss
     (mean over the batch) with ``torch.optim.SGD(lr=lr, momentum=momentum)`` at every step, before the
     network's own step. Cost per step: each head's forward and its local backward, about
     2 B q_b C + 4 B C_b C multiply-adds (q_b the block's features, C_b its channels, C the classes),
