@@ -75,7 +75,7 @@ def main() -> None:
         p.requires_grad_(False)
     blocks = list(model)
     kinds = {spec: head_kind(spec) for spec in args.heads}
-    sums = {(spec, b): [0.0, 0.0, 0] for spec in kinds for b in range(len(blocks) - 1)}
+    cosines: dict[tuple[str, int], list[torch.Tensor]] = {(spec, b): [] for spec in kinds for b in range(len(blocks) - 1)}
     for step in range(steps[1] + steps[2]):
         x, y = next(stream)
         with torch.no_grad():
@@ -90,14 +90,11 @@ def main() -> None:
             if truth is None:
                 continue
             for b, true in enumerate(truth):
-                cosine = F.cosine_similarity(guesses[b].flatten(1), true.flatten(1), dim=1)
-                total = sums[spec, b]
-                total[0], total[1], total[2] = total[0] + float(cosine.sum()), total[1] + float((cosine ** 2).sum()), \
-                    total[2] + len(cosine)
+                cosines[spec, b].append(F.cosine_similarity(guesses[b].flatten(1), true.flatten(1), dim=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"model": args.model, "heads": spec, "block": b + 1, "cosine": f"{c / n:.3f}", "cosine_squared": f"{c2 / n:.3f}"}
-            for (spec, b), (c, c2, n) in sums.items()]
+    rows = [{"model": args.model, "heads": spec, "block": b + 1, "cosine": f"{torch.cat(c).mean():.3f}",
+             "cosine_squared": f"{torch.cat(c).square().mean():.3f}"} for (spec, b), c in cosines.items()]
     with (out / "guess_alignment.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()

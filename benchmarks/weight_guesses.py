@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frog.aggregation import project
 from frog.training.data import batches, load_dataset
 from frog.training.models import make_model
 from frog.training.train import evaluate
@@ -62,13 +63,6 @@ def guess_tangents(params: list[torch.Tensor], inputs: list[torch.Tensor], gamma
         row[start + weight.numel():start + weight.numel() + gamma.shape[1]] = gamma.sum(0)
         rows.append(row)
     return torch.stack(rows)
-
-
-def projection(tangents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """frog's estimate V^T (V V^T)^+ V g from the jvps V g, for tangents V (k, n) and gradient g (n,)."""
-    jvps = tangents @ grad
-    coefficients = torch.linalg.lstsq((tangents @ tangents.T).double(), jvps.double().unsqueeze(1)).solution
-    return tangents.T @ coefficients.squeeze(1).float()
 
 
 def run(kind: str, lr: float, data, quick: bool) -> dict:
@@ -110,7 +104,7 @@ def run(kind: str, lr: float, data, quick: bool) -> dict:
                 head_optimizer.step()
                 gammas.append(F.softmax(h.detach(), 1) - F.one_hot(y, data.num_classes))  # the loss's own gradient
                 tangents = torch.cat([guess_tangents(params, [i.detach() for i in inputs], gammas), tangents])
-            estimate = projection(tangents, grad)
+            estimate = project(tangents, tangents @ grad)  # frog's projection of the jvps V g
             cosines.append(float(F.cosine_similarity(estimate, grad, dim=0)))
         with torch.no_grad():
             offset = 0

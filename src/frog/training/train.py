@@ -320,7 +320,7 @@ def train(
         sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
         for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
                                             disable=not (progress and main_rank), leave=False)):
-            if config.lr_schedule != "constant":  # the others keep their own step-size state
+            if config.lr_schedule != "constant":  # constant: the optimizer's step-size state is left alone
                 set_scheduled_lr(optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
                                  config.epochs * steps_per_epoch)
             if comm is not None and comm.mode == "data":
