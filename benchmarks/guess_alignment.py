@@ -75,7 +75,8 @@ def main() -> None:
         p.requires_grad_(False)
     blocks = list(model)
     kinds = {spec: head_kind(spec) for spec in args.heads}
-    cosines: dict[tuple[str, int], list[torch.Tensor]] = {(spec, b): [] for spec in kinds for b in range(len(blocks) - 1)}
+    cosines: dict[tuple[str, int], list[torch.Tensor]] = {  # per-example cosines of each head kind and block
+        (spec, b): [] for spec in kinds for b in range(len(blocks) - 1)}
     for step in range(steps[1] + steps[2]):
         x, y = next(stream)
         with torch.no_grad():
