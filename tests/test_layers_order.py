@@ -28,6 +28,7 @@ LAYERS: dict[str, list[str]] = {  # lowest first
     # the estimator: tangents, aggregation, engines (which enter the forward-mode rules), ForwardGradient
     "core": [
         "frog.errors",
+        "frog.checks",
         "frog.layouts",
         "frog.tangents",
         "frog.aggregation",
@@ -37,8 +38,10 @@ LAYERS: dict[str, list[str]] = {  # lowest first
         "frog.guesses",
         "frog.example_tangents",
         "frog.distributed",
+        "frog.interface",
         "frog.estimator",
         "frog.mezo",
+        "frog.local",
         "frog.quality",
     ],
     # applications of the estimator: test problems, networks, data, training loop, tables, files, plots

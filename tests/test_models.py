@@ -24,6 +24,7 @@ K = 2  # tangents per jvp check
 
 EXPECTED_NAMES = {
     "fc": ["hidden1", "hidden2", "output"],
+    "resmlp": ["stem", "residual1", "residual2", "head"],
     "conv": ["conv1", "conv2", "hidden", "output"],
     "resnet18": ["stem", "layer1", "layer2", "layer3", "layer4", "head"],
     "vit": [f"encoder{i}" for i in range(1, 7)],
@@ -97,8 +98,8 @@ def test_shapes_and_blocks_chain_to_the_model(name, shape):
     for o in outs:
         assert isinstance(o, torch.Tensor) and o.shape[0] == BATCH
     _c, h, w = shape
-    if name == "fc":
-        assert [o.shape[1:] for o in outs] == [(FC_WIDTH,), (FC_WIDTH,), (7,)]
+    if name in ("fc", "resmlp"):
+        assert [o.shape[1:] for o in outs] == [(FC_WIDTH,)] * (len(outs) - 1) + [(7,)]
     elif name == "conv":
         assert outs[0].shape[1:] == (32, h // 2, w // 2)
         assert outs[1].shape[1:] == (64, h // 4, w // 4)
@@ -343,7 +344,7 @@ def test_activity_jvp_under_vmap_matches_autograd(name, shape, mode):
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
-        (("mlp", (1, 28, 28), 10), {}, r"unknown model 'mlp'; choose one of fc, conv, resnet18, vit"),
+        (("mlp", (1, 28, 28), 10), {}, r"unknown model 'mlp'; choose one of fc, resmlp, conv, resnet18, vit"),
         (("fc", (1, 28, 28), 10), {"width": 0}, r"width must be a positive integer, got 0"),
         (("fc", (1, 28, 28), 10), {"width": -3}, r"width must be a positive integer"),
         (("fc", (1, 28, 28), 10), {"width": 2.5}, r"width must be a positive integer, got 2.5"),

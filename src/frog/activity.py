@@ -33,7 +33,7 @@ B (a position embedding (T, C) with T = B) is taken for a per-sample one, so kee
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,6 +69,16 @@ def blocks_of(model: nn.Module, blocks: Sequence[nn.Module] | None = None) -> li
                 raise ValueError(f"block {names.get(id(block), type(block).__name__)!r} contains block "
                                  f"{names.get(id(other), type(other).__name__)!r}; blocks must not nest")
     return blocks
+
+
+def stacks_opened(model: nn.Module) -> list[nn.Module]:
+    """The blocks of ``model`` (:func:`blocks_of`, found automatically) with every stack among them (an
+    nn.Sequential of at least two modules of one class: a ResNet stage of BasicBlocks) opened into its
+    modules, so that each of those is a block of its own."""
+    opened: list[nn.Module] = []
+    for block in blocks_of(model):
+        opened.extend((c for c in block.children() if _trainable(c)) if _is_stack(block) else [block])
+    return opened
 
 
 def _trainable(module: nn.Module) -> bool:
@@ -218,11 +228,15 @@ def local_graphs(
     inputs_require_grad: bool = False,
     names: Sequence[str] | None = None,
     parameters: dict[int, str] | None = None,
+    on_output: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Record each block's first tensor input and its output h_b (:func:`first_tensor`), with a
     graph that stops at the block's inputs (all of them are detached); with ``inputs_require_grad``
     the first input is a leaf that takes gradients. ``names`` name the blocks in errors; with
-    ``parameters`` (id -> name) every block's inputs are checked by :func:`check_local`."""
+    ``parameters`` (id -> name) every block's inputs are checked by :func:`check_local`.
+    ``on_output(b, h_b)``, called as block b returns, may give a tensor that replaces h_b (in the
+    forward pass and in the record): local learning trains block b there and returns h_b detached, so
+    that block b's graph is freed before the next block runs."""
     names = list(names) if names is not None else [f"block {b} ({type(m).__name__})" for b, m in enumerate(blocks)]
     index_of = {id(block): b for b, block in enumerate(blocks)}
     inputs: list[torch.Tensor] = []
@@ -242,9 +256,12 @@ def local_graphs(
         return args, kwargs
 
     def record(index: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             runs[index] += 1
-            outputs.append(check_output(names[index], output))
+            h = check_output(names[index], output)
+            replaced = on_output(index, h) if on_output is not None else None
+            outputs.append(h if replaced is None else replaced)
+            return None if replaced is None else with_first_tensor(output, replaced)
         return hook
 
     handles = [h for i, block in enumerate(blocks)

@@ -141,9 +141,14 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
 
     d = TrainConfig()
     several: dict[str, Any] = {"nargs": "+"} if tune else {}
-    p.add_argument("--model", default=d.model, help="fc, conv, resnet18 or vit")
-    p.add_argument("--width", type=int, default=[d.width] if tune else d.width, help="hidden width of the fc model",
-                   **several)
+    p.add_argument("--model", default=d.model, help="fc, resmlp (pre-norm residual MLP), conv, resnet18 or vit")
+    p.add_argument("--width", type=int, default=[d.width] if tune else d.width,
+                   help="hidden width of the fc and resmlp models", **several)
+    p.add_argument("--depth", type=int, default=d.depth,
+                   help="hidden layers of fc (the paper: 2), residual blocks of resmlp")
+    p.add_argument("--split-stacks", action="store_true",
+                   help="activity perturbation and local learning: every module of a stack (a ResNet stage's "
+                        "BasicBlocks) is a block of its own")
     p.add_argument("--dataset", default=d.dataset, help="digits (embedded), fashion-mnist, mnist or cifar10")
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--gradient", default=[d.gradient] if tune else d.gradient, help=f"of {', '.join(METHOD_NAMES)}",
@@ -157,13 +162,16 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                         "lowrank (U V^T / sqrt(rank) per weight matrix) and input-span (right factors in the span "
                         "of each layer's inputs)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of lowrank / input-span tangents")
-    p.add_argument("--guess", default=None, choices=["local"],
+    p.add_argument("--guess", default=None, choices=["local", "topdown"],
                    help="guessed tangents (activity): the first L of the k tangents are per-example guesses of the "
-                        "block outputs' gradients, from a small auxiliary head per hidden block and the loss's own "
-                        "gradient at the last (default lr: backprop's)")
+                        "block outputs' gradients: local, from a small auxiliary head per hidden block and the loss's "
+                        "own gradient at the last (default lr: backprop's); topdown, the gradient at the last block's "
+                        "input for every block of that shape (a residual stream), heads elsewhere. With --gradient "
+                        "local: the guesses used directly as the blocks' gradients (default: local)")
     p.add_argument("--per-example-tangents", action="store_true",
                    help="independent random activity tangents per example, zero at inactive ReLU units")
-    p.add_argument("--head-lr", type=float, default=d.head_lr, help="SGD step size of the --guess local heads")
+    p.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="SGD step size of the local heads (--guess, --gradient local)")
     p.add_argument("--head-channels", type=int, default=d.head_channels,
                    help="--guess local: each head starts with a layer to this many channels and a ReLU at every "
                         "position (a 3x3 convolution on images, a Linear per token), so the guess varies over the "
@@ -208,7 +216,8 @@ def _train(args: argparse.Namespace) -> None:
     from .training.train import TrainConfig, train
 
     config = TrainConfig(
-        model=args.model, width=args.width, dataset=args.dataset, data_dir=args.data_dir, gradient=args.gradient,
+        model=args.model, width=args.width, depth=args.depth, split_stacks=args.split_stacks, dataset=args.dataset,
+        data_dir=args.data_dir, gradient=args.gradient,
         tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, sampler=args.sampler,
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -276,7 +285,8 @@ def _tune(args: argparse.Namespace) -> None:
         settings = tune.optimize_settings(args.function, args.dims, args.tangents, args.methods, seeds=args.seeds,
                                           steps=args.steps, engine=args.engine, optimizer=args.optimizer, angles=angles)
     else:
-        base = replace(TrainConfig(), model=args.model, dataset=args.dataset, engine=args.engine,
+        base = replace(TrainConfig(), model=args.model, depth=args.depth, split_stacks=args.split_stacks,
+                       dataset=args.dataset, engine=args.engine,
                        perturbation=args.perturbation, sampler=args.sampler, rank=args.rank,
                        epochs=args.epochs, patience=args.patience,
                        batch_size=args.batch_size, seed=args.seed, device=args.device,

@@ -24,6 +24,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 MODES = ("tangent", "data")
 
@@ -139,3 +140,19 @@ def _share(count: int, parts: int) -> list[list[int]]:
         out.append(list(range(start, start + size)))
         start += size
     return out
+
+
+def unwrap_replicas(model: nn.Module) -> tuple[nn.Module, Communicator | None]:
+    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (frog runs its passes on
+    it, not through the wrapper), and for DDP over several ranks a data-mode communicator over DDP's
+    process group with equal shards: the ranks average their jvps (weight perturbation, k numbers) or
+    estimates (activity, local learning), so every replica takes the same step, as DDP averages gradients."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        if dist.get_world_size(model.process_group) == 1:
+            return model.module, None
+        communicator = Communicator("data", model.process_group)
+        communicator.shard_weight = 1.0 / communicator.world
+        return model.module, communicator
+    if isinstance(model, nn.DataParallel):
+        return model.module, None
+    return model, None

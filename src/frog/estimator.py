@@ -23,7 +23,7 @@ from .activity import (
     shared_features,
 )
 from .aggregation import check_method, coefficients, scale_correction
-from .distributed import Communicator
+from .distributed import Communicator, unwrap_replicas
 from .engines import (
     DEFAULT_TANGENT_BUDGET_MB,
     Function,
@@ -34,12 +34,12 @@ from .engines import (
     make_engine,
     rows_within,
 )
-from .errors import NonFiniteError
 from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
 from .forward_mode.batchnorm import frozen_running_stats
 from .forward_mode.masks import same_masks
 from .forward_mode.plain_kernels import plain_checkpoints
 from .guesses import GuessSource
+from .interface import PER_SAMPLE, SCALAR, GradientEstimator, StepEstimates, check_finite, per_sample_losses
 from .layers import Users
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank, mean_squared_norm, stored_size
 
@@ -58,23 +58,7 @@ class _LossOf(nn.Module):
         return self.loss_fn(self.model)
 
 
-def _replicas(model: nn.Module) -> tuple[nn.Module, Communicator | None]:
-    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (frog runs its passes on
-    it, not through the wrapper), and for DDP over several ranks a data-mode communicator over DDP's
-    process group with equal shards: the ranks average their jvps (weight perturbation, k numbers) or
-    estimates (activity), so every replica takes the same step, as DDP averages gradients."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        if torch.distributed.get_world_size(model.process_group) == 1:
-            return model.module, None
-        communicator = Communicator("data", model.process_group)
-        communicator.shard_weight = 1.0 / communicator.world
-        return model.module, communicator
-    if isinstance(model, nn.DataParallel):
-        return model.module, None
-    return model, None
-
-
-class ForwardGradient:
+class ForwardGradient(GradientEstimator):
     r"""Multi-tangent forward-gradient estimator.
 
     Each call draws k tangents V = [v_1 .. v_k] (stored k x n) from ``seed`` and the call counter,
@@ -201,15 +185,23 @@ class ForwardGradient:
         self.scale_correction = scale_correction
         self.rtol = rtol
         self.perturbation = perturbation
+        self.loss_contract = PER_SAMPLE if perturbation == "activity" else SCALAR
         self.blocks = blocks
         self.communicator = communicator
         self.rank = rank
-        self.step = 0
+        self.calls = 0
         self._tangent_buffers: dict[int, torch.Tensor] = {}  # reused by the jvp engine, step to step
         # model -> (its parameters' ids, the known modules using each weight), checked on first use
         self._users: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Users]] = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
         self._held = False  # within same_tangents(): the call counter stays put
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`calls` (the number of estimates made so far)."""
+        warnings.warn("ForwardGradient.step is deprecated: it is the call counter, now named calls", DeprecationWarning,
+                      stacklevel=2)
+        return self.calls
 
     def __repr__(self) -> str:
         guess_on = self.guess is not None
@@ -219,7 +211,7 @@ class ForwardGradient:
         extras += [f"guess={type(self.guess).__name__}"] if guess_on else []
         return (
             f"ForwardGradient(num_tangents={self.num_tangents}, aggregation={self.aggregation!r}, "
-            f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.step}"
+            f"tangents={self.tangents!r}, engine={self.engine.name!r}, seed={self.seed}, step={self.calls}"
             + "".join(f", {e}" for e in extras) + ")"
         )
 
@@ -227,13 +219,13 @@ class ForwardGradient:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue with the same tangents: seed and call counter, and the
         guess source's state (heads and their optimizer)."""
-        state: dict[str, Any] = {"seed": self.seed, "step": self.step}
+        state: dict[str, Any] = {"seed": self.seed, "step": self.calls}
         if self.guess is not None:
             state["guess"] = self.guess.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+        self.seed, self.calls = int(state["seed"]), int(state["step"])
         if self.guess is not None:
             self.guess.load_state_dict(state.get("guess", {}))
 
@@ -254,7 +246,7 @@ class ForwardGradient:
             yield
         finally:
             self._held = False
-            self.step += 1
+            self.calls += 1
 
     # -- core --------------------------------------------------------------------------------
     def plan(self, shapes: Sequence[torch.Size], like: torch.Tensor, names: Sequence[str] | None = None,
@@ -272,7 +264,7 @@ class ForwardGradient:
         keep = rows_within(self.tangent_budget_bytes, k, size, like.element_size()) == k
         return TangentPlan(
             self.tangents, self.num_tangents, shapes,
-            seed=self.seed, step=self.step, device=like.device, dtype=like.dtype,
+            seed=self.seed, step=self.calls, device=like.device, dtype=like.dtype,
             normalize=self.normalize, angle=self.angle,
             cache=keep, track_gram=self.aggregation == "project",
             buffers=self._tangent_buffers if keep else None,
@@ -319,15 +311,10 @@ class ForwardGradient:
         comm = self.communicator
         if comm is not None:
             jvps = comm.combine_jvps(jvps, self.num_tangents)
-        if not (torch.isfinite(value).all() and torch.isfinite(jvps).all()):
-            what = "loss" if not torch.isfinite(value).all() else "jvps"
-            raise NonFiniteError(
-                f"step {self.step}: the {what} became non-finite (loss {value.mean().item()}); "
-                "the iterate diverged: use a smaller learning rate"
-            )
+        check_finite(self.calls, value, jvps)
         coeffs = self.coefficients(plan, jvps)
         if not self._held:
-            self.step += 1
+            self.calls += 1
         return coeffs
 
     def estimate(
@@ -397,56 +384,24 @@ class ForwardGradient:
         return self.value_and_grad(fn, x)[1]
 
     # -- modules -----------------------------------------------------------------------------
-    def fill_grad(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[[nn.Module], torch.Tensor],
-        *,
-        accumulate: bool = False,
-        targets: Any = None,
-    ) -> torch.Tensor:
-        """Set ``p.grad`` of every trainable parameter to its forward-gradient estimate.
+    def estimates(self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], *, targets: Any = None,
+                  release_grads: bool = False) -> StepEstimates:
+        """The forward-gradient estimate of every trainable parameter.
 
         Weight perturbation: one tangent block per parameter tensor, generated from the seed
         block by block (the Gram matrix is accumulated over the blocks); ``loss_fn(model)`` returns
-        a scalar loss. Activity perturbation: one tangent per block output, shared by the batch;
-        ``loss_fn(model)`` returns per-sample losses (B,) and the returned loss is their mean.
-        BatchNorm running statistics are updated exactly once per call.
-        With ``accumulate`` the estimate is added to existing gradients. ``targets`` (the batch's labels)
-        go to the guess source. Returns the loss (detached).
-        """
-        value, params, estimates = self._estimates(model, loss_fn, targets, free_grads=not accumulate)
-        for name, estimate in estimates:
-            p = params[name]
-            if accumulate and p.grad is not None:
-                p.grad.add_(estimate)
-            else:
-                p.grad = estimate
-        return value
-
-    def update(
-        self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], lr: float, *, targets: Any = None
-    ) -> torch.Tensor:
-        """One plain SGD step in place, p <- p - lr * estimate, without a gradient buffer: ``p.grad`` is
-        neither read nor written.
-
-        With weight perturbation each parameter's estimate V_b^T c is formed from the step's coefficients
-        c (k numbers) when that parameter is updated, and dropped before the next: the step holds one
-        parameter's estimate at a time, never n numbers (tangents beyond the tangent budget are
-        generated again from the seed; low-rank ones are kept as their factors). With activity
-        perturbation the weight estimates come from the blocks' local products together, so the step
-        holds them (n numbers) while it applies them. Returns the loss (detached), as :meth:`fill_grad`.
+        a scalar loss, and each parameter's estimate V_b^T c is formed from the step's coefficients c
+        (k numbers) when its pair is taken, so :meth:`update` holds one parameter's estimate at a time,
+        never n numbers. Activity perturbation: one tangent per block output, shared by the batch;
+        ``loss_fn(model)`` returns per-sample losses (B,) and the loss is their mean; the weight
+        estimates come from the blocks' local products together. BatchNorm running statistics are
+        updated exactly once per call. ``targets`` (the batch's labels) go to the guess source.
 
         For momentum, Adam or weight decay use :meth:`fill_grad` and a ``torch.optim`` optimizer: that
         keeps ``p.grad`` (n numbers) and the optimizer's state (Adam: 2 n).
         """
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        value, params, estimates = self._estimates(model, loss_fn, targets, free_grads=False)
-        with torch.no_grad():
-            for name, estimate in estimates:
-                params[name].sub_(estimate, alpha=lr)
-        return value
+        value, params, pairs = self._estimates(model, loss_fn, targets, free_grads=release_grads)
+        return StepEstimates(value, params, pairs)
 
     def _estimates(
         self, model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], targets: Any, free_grads: bool
@@ -455,7 +410,7 @@ class ForwardGradient:
         estimate when the pair is taken; ``free_grads`` drops ``p.grad`` before the passes."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model, replicas = _replicas(model)
+        model, replicas = unwrap_replicas(model)
         if replicas is not None and self.communicator is None:  # DDP over several ranks: average as DDP does
             self.communicator = replicas
             try:
@@ -525,8 +480,9 @@ class ForwardGradient:
         replay = RngReplay(next(iter(params.values())).device)  # every pass sees the same dropout masks
         parameter_names = {id(p): n for n, p in params.items()}
         labels = block_labels(model, blocks)
-        with local_graphs(blocks, chained_sim, labels, parameter_names) as (inputs, outputs):
-            losses = _per_sample(loss_fn(model))  # the one plain pass: running statistics update here
+        wants_inputs = chained_sim or (self.guess is not None and self.guess.needs_inputs)
+        with local_graphs(blocks, wants_inputs, labels, parameter_names) as (inputs, outputs):
+            losses = per_sample_losses(loss_fn(model))  # the one plain pass: running statistics update here
         check_local([losses], outputs, parameter_names, "after the last block")
         untracked = [label for label, h in zip(labels, outputs, strict=True) if not h.requires_grad]
         if untracked:
@@ -542,7 +498,7 @@ class ForwardGradient:
                              f"(outputs {shapes}); return per-sample losses (B,) or (B, ...) of a batch-first model, "
                              "or use perturbation='weight'")
         features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
-        plan = self._activity_plan(blocks, features, outputs, shared, losses, targets, labels)
+        plan = self._activity_plan(blocks, features, outputs, shared, losses, targets, labels, inputs)
         comm = self.communicator
         if chained_sim:
             rows = comm.rows(self.num_tangents) if comm else None
@@ -551,7 +507,7 @@ class ForwardGradient:
         else:
             def losses_at(perturbations: dict[str, torch.Tensor]) -> torch.Tensor:
                 with perturbed(blocks, list(perturbations.values())):
-                    return _per_sample(loss_fn(model))
+                    return per_sample_losses(loss_fn(model))
 
             # forward-mode engines perturb every sample by one (features,) tensor (broadcast over the
             # batch, so no k x B copies of the tangents); sim needs per-sample positions, (B, features),
@@ -576,14 +532,15 @@ class ForwardGradient:
         return losses.detach().mean(), estimates
 
 
-    def _activity_plan(self, blocks, features, outputs, shared, losses, targets, labels) -> TangentPlan:
+    def _activity_plan(self, blocks, features, outputs, shared, losses, targets, labels, inputs) -> TangentPlan:
         """The step's activity tangents: the plan of one shared row set (the paper), or per-example rows,
         masked at inactive ReLU units, with the guess source's guesses first (:mod:`frog.example_tangents`)."""
         if not (self.per_example or self.relu_mask or self.guess is not None):
             return self.plan(features, outputs[0])
         guesses: list[torch.Tensor | None] = [None] * len(outputs)
         if self.guess is not None:
-            guesses = checked_guesses(self.guess.guesses(outputs, targets, losses), outputs, shared, labels)
+            extra = {"inputs": inputs} if self.guess.needs_inputs else {}
+            guesses = checked_guesses(self.guess.guesses(outputs, targets, losses, **extra), outputs, shared, labels)
         masks = [self._mask_check.mask(block, h) if self.relu_mask and not s else None
                  for block, h, s in zip(blocks, outputs, shared, strict=True)]
         drawn = self.num_tangents - sum(g is not None for g in guesses)
@@ -591,18 +548,9 @@ class ForwardGradient:
         if drawn > 0:  # the random rows: this step's seed, as any plan
             batch = losses.shape[0]
             shapes = [f if s or not self.per_example else torch.Size((batch, *f)) for f, s in zip(features, shared, strict=True)]
-            random = TangentPlan(self.tangents, drawn, shapes, seed=self.seed, step=self.step, device=outputs[0].device,
+            random = TangentPlan(self.tangents, drawn, shapes, seed=self.seed, step=self.calls, device=outputs[0].device,
                                  dtype=outputs[0].dtype)
         return example_plan(random, self.num_tangents, features, outputs, shared, per_example=self.per_example,
                             masks=masks, guesses=guesses, track_gram=self.aggregation == "project")
 
 
-def _per_sample(losses: torch.Tensor) -> torch.Tensor:
-    """Per-sample losses (B,) from a loss function for activity perturbation: its (B,) output, or
-    the mean over the trailing dimensions of (B, ...) (e.g. the token losses (B, T) of a sequence)."""
-    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError("with perturbation='activity' the loss function must return per-sample losses of "
-                         "shape (B,) or (B, ...), e.g. cross_entropy(..., reduction='none'), not the batch's mean; "
-                         f"got {shape}")
-    return losses if losses.dim() == 1 else losses.flatten(1).mean(1)

@@ -34,12 +34,26 @@ class GuessSource(ABC):
     """Gives, per block and example, a guess of the block output's gradient (a tangent direction).
 
     The estimator calls :meth:`guesses` once per step, after the plain forward pass, and puts the
-    guesses first among the k tangents; their length does not matter (each guess row is normalized).
+    guesses first among the k tangents; their length does not matter to frog (each guess row is
+    normalized). :class:`frog.LocalLearning` uses them as they are, as the gradient at each block's
+    output: there a guess is scaled as the gradient of the sum over the batch of per-sample losses.
     State that a checkpoint must keep goes into :meth:`state_dict`.
+
+    Two optional capabilities:
+
+    - ``streams = True``: :meth:`block_guess` gives block b's guess as soon as block b has run (from
+      its output and the targets alone), and :meth:`end_step` closes the step; local learning then
+      trains each block inside the forward pass and holds one block's graph at a time.
+    - ``needs_inputs = True``: :meth:`guesses` also takes ``inputs``, every block's input as a leaf
+      that takes gradients (:class:`TopDown` differentiates the loss at the last block's input).
     """
 
+    streams: bool = False
+    needs_inputs: bool = False
+
     @abstractmethod
-    def guesses(self, outputs: Sequence[torch.Tensor], targets: Any, losses: torch.Tensor) -> list[torch.Tensor | None]:
+    def guesses(self, outputs: Sequence[torch.Tensor], targets: Any, losses: torch.Tensor,
+                **kwargs: Any) -> list[torch.Tensor | None]:
         """One entry per block: a guess (B, *features_b) shaped like the block's output h_b, or None for
         no guess in that block.
 
@@ -49,7 +63,16 @@ class GuessSource(ABC):
             targets: what ``fill_grad(..., targets=...)`` was given (class indices (B,), tokens (B, T)),
                 or None.
             losses: the per-sample losses (B,), with their graph back to the last block's output.
+            kwargs: ``inputs`` (the blocks' inputs) for a source with ``needs_inputs``.
         """
+
+    def block_guess(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
+        """The guess of hidden block ``index`` from its output (B, *features) alone (``streams``)."""
+        raise NotImplementedError(f"{type(self).__name__} gives its guesses after the whole pass (streams=False)")
+
+    def end_step(self) -> None:
+        """After the step's :meth:`block_guess` calls (``streams``): e.g. the heads' optimizer step."""
+        return
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (tensors and plain values)."""
@@ -158,6 +181,8 @@ class LocalHeads(GuessSource):
         fg.fill_grad(model, lambda m: F.cross_entropy(m(x), y, reduction="none"), targets=y)
     """
 
+    streams = True  # a block's guess needs only its output and the targets
+
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
                  exact_output: bool = True, hidden_channels: int = 0, tokens: str = "mean") -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -176,59 +201,134 @@ class LocalHeads(GuessSource):
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded before the heads were built
 
-    def _build(self, outputs: Sequence[torch.Tensor], targets: torch.Tensor, guessed: Sequence[int]) -> None:
-        heads = {}
-        for b in guessed:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.seed, b))
-                heads[str(b)] = head_for(outputs[b], targets, self.num_classes, self.hidden_channels, self.tokens)
-        self.heads = nn.ModuleDict(heads).to(device=outputs[0].device, dtype=outputs[0].dtype)
-        self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
-        if self._pending is not None:
-            self.load_state_dict(self._pending)
-
-    def guesses(self, outputs, targets, losses):
-        if not isinstance(targets, torch.Tensor) or targets.dim() not in (1, 2) or targets.is_floating_point():
-            got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else f"{targets.dtype} {tuple(targets.shape)}"
-            raise ValueError("LocalHeads needs the class targets of the batch, integer (B,) or tokens (B, T): "
-                             f"pass fill_grad(model, loss_fn, targets=y); got {got}")
-        last = len(outputs) - 1
-        hidden = [b for b, h in enumerate(outputs) if h.dim() >= 2 and h.shape[0] == targets.shape[0]
-                  and (b < last or not self.exact_output)]
+    def _head(self, index: int, output: torch.Tensor, targets: torch.Tensor) -> nn.Module:
+        """Block ``index``'s head, built on its first use with weights drawn from (seed, index)."""
         if self.heads is None:
-            self._build(outputs, targets, hidden)
-        rows: list[torch.Tensor | None] = [None] * len(outputs)
-        assert self.heads is not None and self.optimizer is not None
+            self.heads = nn.ModuleDict()
+        key = str(index)
+        if key not in self.heads:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.seed, index))
+                head = head_for(output, targets, self.num_classes, self.hidden_channels, self.tokens)
+            if self._pending is not None:  # resumed: this head's weights from the checkpoint
+                prefix = f"{key}."
+                head.load_state_dict({name[len(prefix):]: value for name, value in self._pending["heads"].items()
+                                      if name.startswith(prefix)})
+            self.heads[key] = head.to(device=output.device, dtype=output.dtype)
+        return self.heads[key]
+
+    def block_guess(self, index: int, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
+        """gamma_b = d/dh_b of sum_i l_i, l_i example i's local loss (the mean cross-entropy over its tokens
+        for token targets), from one local backward through the head, which also gives the head's
+        gradient (of the mean local loss over the batch). None for an output without batch dimension."""
+        _check_targets(targets)
+        if output.dim() < 2 or output.shape[0] != targets.shape[0]:
+            return None
+        head = self._head(index, output, targets)
         with torch.enable_grad():
-            self.optimizer.zero_grad(set_to_none=True)
-            for b in hidden:
-                head = self.heads[str(b)]
-                point = outputs[b].detach().requires_grad_(True)
-                logits = head(point)
-                local = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum")
-                # one local backward: the guess (the gradient at the block's output) and the head's gradient
-                grads = torch.autograd.grad(local, [point, *head.parameters()])
-                rows[b] = grads[0]
-                for p, g in zip(head.parameters(), grads[1:], strict=True):
-                    p.grad = g / targets.numel()
-            if self.exact_output:
-                rows[last] = output_gradient(losses, outputs[last])
+            point = output.detach().requires_grad_(True)
+            logits = head(point)
+            local = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum")
+            grads = torch.autograd.grad(local, [point, *head.parameters()])
+        for p, g in zip(head.parameters(), grads[1:], strict=True):
+            p.grad = g / targets.numel()
+        per_example = targets.numel() // targets.shape[0]  # tokens per example: the guess of their mean
+        return grads[0] if per_example == 1 else grads[0] / per_example
+
+    def end_step(self) -> None:
+        """One SGD step of every head (the optimizer is made after the first step's heads exist)."""
+        if self.heads is None or not len(self.heads):
+            return
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD(self.heads.parameters(), lr=self.lr, momentum=self.momentum)
+            if self._pending is not None:  # resumed: the heads' weights are in; now their optimizer's state
+                self.optimizer.load_state_dict(self._pending["optimizer"])
+                self._pending = None
         self.optimizer.step()
+
+    def guesses(self, outputs, targets, losses, **kwargs):
+        _check_targets(targets)
+        last = len(outputs) - 1
+        rows: list[torch.Tensor | None] = [None] * len(outputs)
+        for b, h in enumerate(outputs):
+            if b < last or not self.exact_output:
+                rows[b] = self.block_guess(b, h, targets)
+        if self.exact_output:
+            rows[last] = output_gradient(losses, outputs[last])
+        self.end_step()
         return rows
 
     def state_dict(self) -> dict[str, Any]:
-        if self.heads is None:
+        if self.heads is None or self.optimizer is None:
             return dict(self._pending or {})
-        assert self.optimizer is not None  # made with the heads
         return {"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        if self.heads is None:
+        if self.heads is None or self.optimizer is None:
             self._pending = state
             return
-        assert self.optimizer is not None  # made with the heads
         self.heads.load_state_dict(state["heads"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._pending = None
+
+
+def _check_targets(targets: Any) -> None:
+    """ValueError unless ``targets`` are integer class targets (B,) or tokens (B, T)."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() not in (1, 2) or targets.is_floating_point():
+        got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else f"{targets.dtype} {tuple(targets.shape)}"
+        raise ValueError("local heads need the class targets of the batch, integer (B,) or tokens (B, T): "
+                         f"pass fill_grad(model, loss_fn, targets=y); got {got}")
+
+
+class TopDown(GuessSource):
+    r"""The exact gradient at the top of a residual stream as the guess of every block on that stream.
+
+    In a residual network every block adds to one stream h, so the gradient g_top = dL/dh at the last
+    block's input (a backward pass through the last block and the loss alone, exact and local) is close
+    to the gradient at each block's output. Every hidden block whose output has the shape of the last
+    block's input (B, *features) gets g_top (per example: d/dh of sum_i l_i); the last block gets the
+    loss's exact gradient at its output. Blocks of other shapes (a stem before the stream, the stages of
+    a ResNet before the last) get ``fallback``'s guess (e.g. :class:`LocalHeads`, whose heads are then
+    built and trained for those blocks only), or none.
+
+    Example::
+
+        fg = ForwardGradient(16, perturbation="activity", guess=TopDown(LocalHeads(10)))
+    """
+
+    needs_inputs = True
+
+    def __init__(self, fallback: GuessSource | None = None) -> None:
+        if fallback is not None and not (isinstance(fallback, GuessSource) and fallback.streams):
+            raise ValueError("TopDown's fallback gives guesses block by block: use LocalHeads(num_classes) or None, "
+                             f"got {type(fallback).__name__}")
+        self.fallback = fallback
+
+    def guesses(self, outputs, targets, losses, **kwargs):
+        inputs = kwargs.get("inputs")
+        last = len(outputs) - 1
+        if not inputs or not inputs[last].requires_grad:
+            raise ValueError("TopDown needs the last block's input as a leaf that takes gradients (inputs=...)")
+        top = inputs[last]
+        (stream,) = torch.autograd.grad(losses.sum(), top, retain_graph=True)
+        rows: list[torch.Tensor | None] = [None] * len(outputs)
+        for b, h in enumerate(outputs[:last]):
+            if h.shape == top.shape:
+                rows[b] = stream
+            elif self.fallback is not None:
+                rows[b] = self.fallback.block_guess(b, h, targets)
+        rows[last] = output_gradient(losses, outputs[last])
+        if self.fallback is not None:
+            self.fallback.end_step()
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.fallback.state_dict() if self.fallback is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fallback is not None:
+            self.fallback.load_state_dict(state)
+        else:
+            super().load_state_dict(state)

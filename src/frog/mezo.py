@@ -19,22 +19,22 @@ restoration would need the rounding errors, n more numbers, which is what MeZO e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import check_int, check_positive
 from .engines import RngReplay, check_scalar
-from .errors import NonFiniteError
 from .forward_mode.batchnorm import frozen_running_stats
 from .forward_mode.masks import same_masks
+from .interface import GradientEstimator, LossFn, StepEstimates, check_finite, trainable_parameters
 from .tangents import derive_seed
 
-LossFn = Callable[[nn.Module], torch.Tensor]
 
-
-class MeZO:
+class MeZO(GradientEstimator):
     """SPSA gradient estimates with in-place perturbations, as a drop-in for :class:`frog.ForwardGradient`.
 
     Example::
@@ -50,26 +50,28 @@ class MeZO:
         seed: direction j of parameter i at call t depends only on (seed, t, j, i).
     """
 
-    perturbation = "weight"  # what the training loop asks of an estimator: a scalar loss
-
     def __init__(self, eps: float = 1e-3, directions: int = 1, seed: int = 0) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a number > 0, got {eps!r}")
-        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
-            raise ValueError(f"directions must be an integer >= 1, got {directions!r}")
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        check_positive("eps", eps)
+        check_int("directions", directions, 1)
+        check_int("seed", seed)
         self.eps, self.directions, self.seed = float(eps), directions, seed
-        self.step = 0  # the call counter: each call draws new directions
+        self.calls = 0  # the call counter: each call draws new directions
 
     def __repr__(self) -> str:
-        return f"MeZO(eps={self.eps:g}, directions={self.directions}, seed={self.seed}, step={self.step})"
+        return f"MeZO(eps={self.eps:g}, directions={self.directions}, seed={self.seed}, step={self.calls})"
+
+    @property
+    def step(self) -> int:
+        """Deprecated name of :attr:`calls` (the number of estimates made so far)."""
+        warnings.warn("MeZO.step is deprecated: it is the call counter, now named calls", DeprecationWarning,
+                      stacklevel=2)
+        return self.calls
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step}
+        return {"seed": self.seed, "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+        self.seed, self.calls = int(state["seed"]), int(state.get("calls", state.get("step", 0)))
 
     def direction(self, parameter: torch.Tensor, call: int, j: int, index: int) -> torch.Tensor:
         """The entries of direction j for the ``index``-th parameter at call ``call`` (the parameter's shape)."""
@@ -77,7 +79,7 @@ class MeZO:
         return torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
 
     @torch.no_grad()
-    def _add(self, params: list[torch.Tensor], call: int, scales: list[float]) -> None:
+    def _add(self, params: Sequence[torch.Tensor], call: int, scales: list[float]) -> None:
         """theta <- theta + sum_j scales[j] z_j, one parameter tensor (and one z) at a time."""
         for index, p in enumerate(params):
             for j, scale in enumerate(scales):
@@ -88,9 +90,7 @@ class MeZO:
         """(loss, g (q,)): g_j = (L(theta + eps z_j) - L(theta - eps z_j)) / (2 eps), the loss being the
         mean of the 2 q perturbed losses. Every pass sees the same random numbers (dropout masks);
         BatchNorm's running statistics are updated by the first pass only. Advances the call counter."""
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        params, call = _trainable(model), self.step
+        params, call = list(trainable_parameters(model).values()), self.calls
         replay = RngReplay(params[0].device)
         values: list[torch.Tensor] = []
 
@@ -108,42 +108,34 @@ class MeZO:
                 values.append(loss_now())
                 self._add(params, call, [*only, self.eps])
         pairs = torch.stack(values).view(self.directions, 2)
-        if not torch.isfinite(pairs).all():
-            raise NonFiniteError(f"step {call}: the loss became non-finite ({pairs.flatten().tolist()}); "
-                                 "the iterate diverged: use a smaller learning rate")
-        self.step += 1
+        check_finite(call, pairs)
+        self.calls += 1
         return pairs.mean().to(params[0].dtype), (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps)
 
-    def fill_grad(self, model: nn.Module, loss_fn: LossFn, *, accumulate: bool = False, targets: Any = None) -> torch.Tensor:
-        """Set ``p.grad`` of every trainable parameter to the SPSA estimate (1/q) sum_j g_j z_j (for a
-        ``torch.optim`` optimizer); ``loss_fn(model)`` returns the scalar loss. ``targets`` is ignored
-        (the training loop passes it to every estimator). Returns the loss (detached)."""
-        call = self.step
+    def estimates(self, model: nn.Module, loss_fn: LossFn, *, targets: Any = None,
+                  release_grads: bool = False) -> StepEstimates:
+        """The SPSA estimate (1/q) sum_j g_j z_j of every trainable parameter, each formed (its directions
+        generated again from the seed) when its pair is taken; ``loss_fn(model)`` returns the scalar loss.
+        ``targets`` is ignored (the training loop passes it to every estimator)."""
+        call = self.calls
         loss, projected = self.projected_gradients(model, loss_fn)
         coeffs = (projected / self.directions).tolist()
-        for index, p in enumerate(_trainable(model)):
-            estimate = torch.zeros_like(p)
+        params = trainable_parameters(model)
+
+        def estimate(index: int, p: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros_like(p)
             for j, c in enumerate(coeffs):
-                estimate.add_(self.direction(p, call, j, index), alpha=c)
-            if accumulate and p.grad is not None:
-                p.grad.add_(estimate)
-            else:
-                p.grad = estimate
-        return loss
+                total.add_(self.direction(p, call, j, index), alpha=c)
+            return total
+
+        pairs = ((name, estimate(index, p)) for index, (name, p) in enumerate(params.items()))
+        return StepEstimates(loss, params, pairs)
 
     def update(self, model: nn.Module, loss_fn: LossFn, lr: float, *, targets: Any = None) -> torch.Tensor:
         """One plain SGD step in place, theta <- theta - lr * estimate, with no gradient buffer (MeZO's
-        step): each parameter's directions are generated again from the seed when it is updated."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        call = self.step
+        step): each parameter's directions are generated again from the seed and added to it in place."""
+        check_positive("lr", lr)
+        call = self.calls
         loss, projected = self.projected_gradients(model, loss_fn)
-        self._add(_trainable(model), call, (-lr * projected / self.directions).tolist())
+        self._add(list(trainable_parameters(model).values()), call, (-lr * projected / self.directions).tolist())
         return loss
-
-
-def _trainable(model: nn.Module) -> list[torch.Tensor]:
-    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no parameters with requires_grad=True")
-    return params

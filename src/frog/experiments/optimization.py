@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..mezo import MeZO
+from ..estimator import ForwardGradient
 from ..tangents import check_kind
 from ..training.functions import get_function
 from ..training.lrs import math_lr, table_lr
@@ -152,7 +152,7 @@ def descend(
     if run.angle is not None:
         options.update(tangents="angle", angle=run.angle)
     estimator = estimator_for(run.method, run.k or 1, **options)
-    if isinstance(estimator, MeZO):  # plan_runs admits the paper's methods only
+    if estimator is not None and not isinstance(estimator, ForwardGradient):  # plan_runs admits the paper's methods only
         raise ValueError(f"{run.method} perturbs a model's weights: frog optimize runs {', '.join(PAPER_METHODS)}")
     total = function.steps if steps is None else steps
     return gradient_descent(function, function.start(run.n), run.lr, total, estimator,

@@ -11,8 +11,12 @@ softmax instead of the fused kernels of ``nn.MultiheadAttention`` / ``scaled_dot
 ========  ==========================================================  ==========================
 model     blocks (children of the Sequential)                         block outputs
 ========  ==========================================================  ==========================
-fc        hidden1 = Flatten+Linear(in, w)+ReLU, hidden2 =               (B, w), (B, w), (B, classes)
-          Linear(w, w)+ReLU, output = Linear(w, classes)
+fc        hidden1 = Flatten+Linear(in, w)+ReLU, hidden2 .. hidden{d} =  (B, w) x d, (B, classes)
+          Linear(w, w)+ReLU, output = Linear(w, classes); depth d = 2
+          as in the paper
+resmlp    stem = Flatten+Linear(in, w), residual1 .. residual{d}:       (B, w) x (d + 1),
+          h + W2 ReLU(W1 LN(h)) (pre-norm, W1, W2: w x w),              (B, classes)
+          head = LayerNorm+Linear(w, classes)
 conv      conv1 = Conv3x3(32)+BN+ReLU+MaxPool2, conv2 = Conv3x3(64)+    (B, 32, H/2, W/2), ...,
           BN+ReLU+MaxPool2, hidden = Flatten+Linear(.., 128)+ReLU,      (B, 128), (B, classes)
           output = Linear(128, classes)
@@ -40,7 +44,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-MODELS = ("fc", "conv", "resnet18", "vit")
+MODELS = ("fc", "resmlp", "conv", "resnet18", "vit")
 
 # Sizes of the paper's ViT (SPEC 2.5).
 VIT_DEPTH = 6
@@ -86,15 +90,36 @@ def _check_input_shape(input_shape) -> tuple[int, int, int]:
 # fully connected
 
 
-def _fc(input_shape: tuple[int, int, int], num_classes: int, width: int) -> nn.Sequential:
+def _fc(input_shape: tuple[int, int, int], num_classes: int, width: int, depth: int) -> nn.Sequential:
     features = math.prod(input_shape)
-    return nn.Sequential(
-        OrderedDict(
-            hidden1=nn.Sequential(nn.Flatten(), nn.Linear(features, width), nn.ReLU()),
-            hidden2=nn.Sequential(nn.Linear(width, width), nn.ReLU()),
-            output=nn.Linear(width, num_classes),
-        )
-    )
+    blocks: OrderedDict[str, nn.Module] = OrderedDict(
+        hidden1=nn.Sequential(nn.Flatten(), nn.Linear(features, width), nn.ReLU()))
+    for i in range(2, depth + 1):
+        blocks[f"hidden{i}"] = nn.Sequential(nn.Linear(width, width), nn.ReLU())
+    blocks["output"] = nn.Linear(width, num_classes)
+    return nn.Sequential(blocks)
+
+
+class ResidualBlock(nn.Module):
+    """A pre-norm residual MLP block on features (B, w): h + W2 ReLU(W1 LN(h))."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.inner = nn.Linear(width, width)
+        self.outer = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.outer(torch.relu(self.inner(self.norm(h))))
+
+
+def _resmlp(input_shape: tuple[int, int, int], num_classes: int, width: int, depth: int) -> nn.Sequential:
+    blocks: OrderedDict[str, nn.Module] = OrderedDict(
+        stem=nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width)))
+    for i in range(1, depth + 1):
+        blocks[f"residual{i}"] = ResidualBlock(width)
+    blocks["head"] = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+    return nn.Sequential(blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,15 +315,17 @@ def _vit(input_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
 
 
 def make_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, *, width: int = 1024
+    name: str, input_shape: tuple[int, int, int], num_classes: int, *, width: int = 1024, depth: int = 2
 ) -> nn.Sequential:
     """The network ``name`` (one of :data:`MODELS`) as an ``nn.Sequential`` of blocks.
 
     Args:
-        name: "fc", "conv", "resnet18" or "vit".
+        name: "fc", "resmlp", "conv", "resnet18" or "vit".
         input_shape: (channels, height, width) of one image; the models are built for this size.
         num_classes: number of outputs (logits).
-        width: hidden width of "fc" (the paper uses 256, 1024 and 4096); the other models ignore it.
+        width: hidden width of "fc" and "resmlp" (the paper uses 256, 1024 and 4096 for "fc"); the
+            other models ignore it.
+        depth: hidden layers of "fc" (the paper: 2), residual blocks of "resmlp"; the others ignore it.
 
     Raises:
         ValueError: unknown name, non-positive sizes, or images the model cannot take.
@@ -308,8 +335,11 @@ def make_model(
     shape = _check_input_shape(input_shape)
     num_classes = _positive_int(num_classes, "num_classes", "pass the number of classes, e.g. 10")
     width = _positive_int(width, "width", "pass the hidden width of the fc model, e.g. width=1024")
+    depth = _positive_int(depth, "depth", "pass the number of hidden layers, e.g. depth=2")
     if name == "fc":
-        return _fc(shape, num_classes, width)
+        return _fc(shape, num_classes, width, depth)
+    if name == "resmlp":
+        return _resmlp(shape, num_classes, width, depth)
     if name == "conv":
         return _conv(shape, num_classes)
     if name == "resnet18":

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..activity import stacks_opened
 from ..distributed import Communicator
 from ..engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
 from ..errors import CheckpointError, NonFiniteError
-from ..estimator import PERTURBATIONS, ForwardGradient
+from ..estimator import PERTURBATIONS
 from ..example_tangents import EXAMPLE_KINDS
-from ..guesses import HEAD_TOKENS, LocalHeads
-from ..mezo import MeZO
+from ..guesses import HEAD_TOKENS, GuessSource, LocalHeads, TopDown
+from ..interface import PER_SAMPLE, GradientEstimator
 from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
@@ -53,7 +54,9 @@ METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", 
 
 RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
 TRAIN_SAMPLERS = ("normal", "rademacher", *STRUCTURED)
-GUESSES = ("local",)  # LocalHeads: auxiliary heads on hidden blocks, the loss's own gradient on the last
+# local: LocalHeads, auxiliary heads on hidden blocks and the loss's own gradient on the last; topdown: TopDown,
+# the gradient at the last block's input for the blocks of that shape (a residual stream), heads elsewhere
+GUESSES = ("local", "topdown")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class TrainConfig:
 
     model: str = "fc"
     width: int = 1024
+    depth: int = 2
+    split_stacks: bool = False
     dataset: str = "digits"
     data_dir: str | None = None
     gradient: str = "frog"
@@ -108,7 +113,7 @@ class TrainConfig:
         check_rank(self.sampler, self.rank, ())
         if self.sampler in STRUCTURED and self.perturbation != "weight":
             raise ValueError(f"--sampler {self.sampler} structures weight tangents: add --perturbation weight")
-        for name in ("tangents", "epochs", "width"):
+        for name in ("tangents", "epochs", "width", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 1:
@@ -122,6 +127,13 @@ class TrainConfig:
             raise ValueError("--optimizer line-search picks its own step sizes: drop --lr-schedule")
         if self.guess is not None and self.guess not in GUESSES:
             raise ValueError(f"unknown guess {self.guess!r}; choose one of {', '.join(GUESSES)}")
+        if self.gradient == "local" and (self.perturbation != "activity" or self.per_example_tangents
+                                         or self.sampler != "normal"):
+            raise ValueError("--gradient local trains each block by its head's loss and draws no tangents: drop "
+                             "--perturbation weight, --per-example-tangents and --sampler")
+        if self.split_stacks and (self.gradient == "bp" or self.perturbation != "activity"):
+            raise ValueError("--split-stacks chooses the blocks of activity perturbation and local learning: use "
+                             "--gradient local or a forward gradient with --perturbation activity")
         if (self.guess is not None or self.per_example_tangents) and (
                 self.gradient == "bp" or self.perturbation != "activity" or self.sampler not in EXAMPLE_KINDS):
             raise ValueError("--guess and --per-example-tangents shape activity tangents: use a forward-gradient "
@@ -149,11 +161,16 @@ class TrainConfig:
 
 
 def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
-    """The estimator's per-example and guess options of a run (none for the paper's protocol)."""
+    """The estimator's per-example and guess options of a run (none for the paper's protocol); local
+    learning takes local heads unless --guess says otherwise."""
     if config.gradient == "bp":
         return {}
-    guess = (LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
-                        tokens=config.head_tokens) if config.guess == "local" else None)
+    guess: GuessSource | None = None
+    if config.guess is not None or config.gradient == "local":
+        guess = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
+                           tokens=config.head_tokens)
+        if config.guess == "topdown":
+            guess = TopDown(guess)
     return {"per_example": config.per_example_tangents, "guess": guess}
 
 
@@ -167,9 +184,12 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
         lr = table_lr(config.lr_table, config.optimizer, model=model_row_name(config.model, config.width),
                       dataset=config.dataset, gradient_approach=config.gradient, k=k)
         note = f"table {config.lr_table}"
-    elif lr is None and config.optimizer == "sgd" and config.variant:
+    elif lr is None and config.optimizer == "sgd" and (config.depth != 2 or config.model == "resmlp"):
+        raise ValueError(f"the step-size tables have no row for --model {config.model} --depth {config.depth}: "
+                         "give --lr (or tune it: frog tune train)")
+    elif lr is None and config.optimizer == "sgd" and (config.variant or config.gradient == "local"):
         lr, note = variant_lr(config.model, config.width, config.dataset, config.gradient, config.tangents,
-                              config.variant)
+                              config.variant or "guess")
     elif lr is None and config.optimizer == "sgd":
         lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
     elif lr is None:
@@ -191,7 +211,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, device: torch.devi
     return total_loss / len(split), correct / len(split)
 
 
-def _train_step(model, optimizer, estimator: ForwardGradient | MeZO | None, x, y, comm: Communicator | None = None):
+def _train_step(model, optimizer, estimator: GradientEstimator | None, x, y, comm: Communicator | None = None):
     """One optimizer step; returns the batch's summed loss and number of correct predictions.
 
     In distributed data mode (x, y) is this rank's shard; backprop then all-reduces its gradients."""
@@ -215,7 +235,7 @@ def _train_step(model, optimizer, estimator: ForwardGradient | MeZO | None, x, y
             if not captured and _plain(logits):  # the first plain (untransformed) pass
                 captured.append(logits.detach())
             per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
-            return per_sample if estimator.perturbation == "activity" else per_sample.mean()
+            return per_sample if estimator.loss_contract == PER_SAMPLE else per_sample.mean()
 
         loss = estimator.fill_grad(model, losses, targets=y)
         logits = captured[0] if captured else model(x).detach()
@@ -246,8 +266,8 @@ def train(
     if not main_rank:
         log = _silent
     config.check()
-    if comm is not None and config.gradient == "mezo":
-        raise ValueError("--gradient mezo runs on one process: drop --distributed")
+    if comm is not None and config.gradient in ("mezo", "local"):
+        raise ValueError(f"--gradient {config.gradient} runs on one process: drop --distributed")
     if comm is not None and comm.mode == "tangent" and config.gradient == "bp":
         raise ValueError("--distributed tangent splits the tangents: use a forward-gradient method, or --distributed data")
     if comm is not None and config.optimizer == "line-search":
@@ -262,7 +282,8 @@ def train(
     device = torch.device(config.device)
 
     torch.manual_seed(config.seed)
-    model = make_model(config.model, data.input_shape, data.num_classes, width=config.width).to(device)
+    model = make_model(config.model, data.input_shape, data.num_classes, width=config.width,
+                       depth=config.depth).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
@@ -270,6 +291,7 @@ def train(
                               tangent_budget_mb=config.tangent_budget_mb,
                               scale_correction=False,  # the paper's plain estimators
                               mezo_eps=config.mezo_eps,
+                              blocks=stacks_opened(model) if config.split_stacks else None,
                               **example_options(config, data.num_classes))
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
@@ -352,7 +374,7 @@ def train(
             "epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
             "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
-            "steps": estimator.step if estimator is not None else "", "diverged": diverged,
+            "steps": estimator.calls if estimator is not None else "", "diverged": diverged,
             "comm_bytes_per_step": bytes_per_step,
             "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
         }
@@ -383,7 +405,7 @@ def _plain(tensor: torch.Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
-def _restore(path: Path, device: torch.device, model: nn.Module, optimizer, estimator: ForwardGradient | MeZO | None
+def _restore(path: Path, device: torch.device, model: nn.Module, optimizer, estimator: GradientEstimator | None
              ) -> dict[str, Any]:
     """Load the checkpoint at ``path`` into model, optimizer, estimator and the random state; returns
     the loop state (epoch, best validation loss, epochs without improvement, done)."""
