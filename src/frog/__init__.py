@@ -9,8 +9,10 @@ from .aggregation import METHODS, aggregate, coefficients, scale_correction
 from .engines import ENGINES
 from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
-from .guesses import GuessSource, LocalHeads
+from .guesses import GuessSource, LocalHeads, TopDown
+from .interface import GradientEstimator
 from .layouts import combine
+from .local import LocalLearning
 from .mezo import MeZO
 from .tangents import KINDS, TangentPlan, sample_tangents
 from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
@@ -25,11 +27,14 @@ __all__ = [
     "CheckpointError",
     "ForwardGradient",
     "ForwardModeError",
+    "GradientEstimator",
     "GuessSource",
     "LocalHeads",
+    "LocalLearning",
     "MeZO",
     "NonFiniteError",
     "TangentPlan",
+    "TopDown",
     "aggregate",
     "coefficients",
     "combine",
