@@ -13,11 +13,11 @@ CSV. Prints the times and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from _common import print_result
 
 from frog.experiments.approximation import sweep
 
@@ -49,13 +49,13 @@ def main() -> None:
     print(f"{'sweep':<18}{'rows':>6}{'seconds':>10}{'x target':>10}")
     print(f"{'n = 64':<18}{runs[0][1]:>6}{small:>10.2f}{small / TARGET_SECONDS:>10.2f}"
           f"   (runs: {', '.join(f'{s:.2f}' for s, _ in runs)}; target {TARGET_SECONDS} s)")
-    result = {"benchmark": "approx", "samples": args.samples, "n64_seconds": round(small, 3),
+    result = {"samples": args.samples, "n64_seconds": round(small, 3),
               "n64_runs": [round(s, 3) for s, _ in runs], "n64_over_target": round(small / TARGET_SECONDS, 2)}
     if not args.skip_large:
         large, rows = run_sweep(POWERS, args.samples)
         print(f"{'n = 1 .. 1024':<18}{rows:>6}{large:>10.1f}{'':>10}   (one run)")
         result["all_n_seconds"] = round(large, 1)
-    print(json.dumps(result))
+    print_result("approx", **result)
 
 
 if __name__ == "__main__":

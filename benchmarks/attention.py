@@ -13,13 +13,12 @@ interleaved so that both see the same machine; prints ms and the ratio, and a li
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import print_result, timed
 from torch.func import jvp, vmap
 
 from frog.forward_mode.attention import scaled_dot_product_attention
@@ -49,13 +48,7 @@ def measure(q, k, v, tangents, repeats: int, device: str) -> dict[str, float]:
         call()  # warm-up
     for _ in range(repeats):
         for name, call in calls.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            call()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(call, device))
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
@@ -83,8 +76,7 @@ def main() -> None:
             print(f"{length:>5}{num:>4}{ms['primal']:>16.2f}{ms['frog']:>13.2f}{ms['plain']:>18.2f}"
                   f"{ms['plain'] / ms['frog']:>12.2f}", flush=True)
             results[f"L{length}_k{num}"] = {f"{name}_ms": round(t, 3) for name, t in ms.items()}
-    print(json.dumps({"benchmark": "attention", "device": args.device, "shape": [args.batch, args.heads, args.dim],
-                      "results": results}))
+    print_result("attention", device=args.device, shape=[args.batch, args.heads, args.dim], results=results)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ per batch, the means with 95% confidence half-widths and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _common import print_result
 from torch import nn
 
 import frog
@@ -85,9 +85,8 @@ def main() -> None:
               f"{time.perf_counter() - start:>6.1f}", flush=True)
     summary = {name: mean_and_ci(torch.tensor([r[name] for r in rows], dtype=torch.float64)) for name in rows[0]}
     print("mean " + ", ".join(f"cos({name.replace('_', ', ')}) {m:.4f} ± {ci:.4f}" for name, (m, ci) in summary.items()))
-    print(json.dumps({"benchmark": "batchnorm", "model": "resnet18", "batch_size": args.batch_size,
-                      "k": args.tangents, "batches": len(rows),
-                      "results": {name: {"mean": round(m, 4), "ci": round(ci, 4)} for name, (m, ci) in summary.items()}}))
+    print_result("batchnorm", model="resnet18", batch_size=args.batch_size, k=args.tangents, batches=len(rows),
+                 results={name: {"mean": round(m, 4), "ci": round(ci, 4)} for name, (m, ci) in summary.items()})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _common import print_result
 from torch import nn
 
 import frog
@@ -134,11 +135,11 @@ def main() -> None:
     print(f"{'setting':<36}{'steps/s':>10}{'speedup':>10}{'bytes/step':>12}{'vs n*4':>12}")
     for name, (seconds, sent, speedup) in rows.items():
         print(f"{name:<36}{1 / seconds:>10.2f}{speedup:>10.2f}{sent:>12.0f}{sent / (4 * n):>12.2e}")
-    print(json.dumps({"benchmark": "distributed", "k": args.k, "n": n, "backprop_allreduce_bytes": 4 * n,
-                      "steps_per_second": {name: round(1 / r[0], 3) for name, r in rows.items()},
-                      "speedup": {name: round(r[2], 3) for name, r in rows.items()},
-                      "bytes_per_step": {name: r[1] for name, r in rows.items()},
-                      "max_bytes_target": 8 * args.k * 2, "machine_parallel_speedup": round(calibration, 3)}))
+    print_result("distributed", k=args.k, n=n, backprop_allreduce_bytes=4 * n,
+                 steps_per_second={name: round(1 / r[0], 3) for name, r in rows.items()},
+                 speedup={name: round(r[2], 3) for name, r in rows.items()},
+                 bytes_per_step={name: r[1] for name, r in rows.items()},
+                 max_bytes_target=8 * args.k * 2, machine_parallel_speedup=round(calibration, 3))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,10 @@ sim by default.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _common import EXAMPLES, median_time, print_result
 from torch import nn
 
 import frog
@@ -58,13 +55,14 @@ ACTIVITY_VARIANTS = {  # --perturbations name -> ForwardGradient options (SPEC 5
     "activity-guess": {"guess": True},
     "activity-guess-per-example": {"per_example": True, "guess": True},
 }
+MIN_SECONDS = 0.5  # every median_time: at least this long spent on the timed calls (more calls for fast steps)
 # engine name suffix: that engine with PyTorch's BatchNorm jvp (frog.forward_mode.batchnorm.FUSED off)
 UNFUSED = "-unfused"
 
 
 def make_gpt(device: str) -> nn.Module:
     """The GPT of examples/char_gpt.py (one definition, imported from there)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(EXAMPLES))
     from char_gpt import GPT
 
     torch.manual_seed(0)
@@ -110,24 +108,6 @@ def workload(name: str, batch: int, device: str):
     return model, x, y, losses, description
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(step, repeats: int, device: str, min_seconds: float = 0.5) -> float:
-    """Median of at least ``repeats`` timed calls, more for fast steps (until min_seconds are spent)."""
-    step()  # warm-up (vmap/jvp tracing, allocator)
-    times = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def jvp_flops(batch: int, k: int, perturbation: str, sampler: str = "normal", rank: int = 1) -> float:
     """Primal once, plus per tangent and layer: W x_t for every layer but the first; with dense weight
     tangents also W_t x, with structured ones (x V) U^T at 2 B (i + o) r."""
@@ -143,7 +123,7 @@ def jvp_flops(batch: int, k: int, perturbation: str, sampler: str = "normal", ra
 def matmul_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    seconds = median_time(lambda: a @ b, repeats, device)
+    seconds = median_time(lambda: a @ b, repeats, device, MIN_SECONDS)
     return 2 * size**3 / seconds / 1e9
 
 
@@ -218,7 +198,7 @@ def main() -> None:
 
         return run
 
-    backprop = median_time(backprop_step, 5 * args.repeats, device)
+    backprop = median_time(backprop_step, 5 * args.repeats, device, MIN_SECONDS)
     peak = matmul_gflops(device)
     results: dict[str, dict[str, float]] = {}
     print(f"{model_name}, device {device}, threads {torch.get_num_threads()}, "
@@ -232,10 +212,10 @@ def main() -> None:
     for perturbation, sampler in settings:
         label = perturbation if perturbation.startswith("activity") else f"weight/{sampler}"
         for k in args.ks:
-            times = {e: median_time(engine_step(e, k, perturbation, sampler), args.repeats, device)
+            times = {e: median_time(engine_step(e, k, perturbation, sampler), args.repeats, device, MIN_SECONDS)
                      for e in args.engines}
             # backprop again beside this row (the machine's speed drifts): the ratios use the mean of both
-            backprop = (backprop + median_time(backprop_step, 5 * args.repeats, device)) / 2
+            backprop = (backprop + median_time(backprop_step, 5 * args.repeats, device, MIN_SECONDS)) / 2
             row = {f"{e}_ms": t * 1e3 for e, t in times.items()}
             row["backprop_ms"] = backprop * 1e3
             row.update({f"{e}_over_backprop": t / backprop for e, t in times.items()})
@@ -250,7 +230,7 @@ def main() -> None:
                 row["loop_over_jvp"] = loop_ratio
                 # input-span: the factors and their Gram cost as lowrank's (its bases come from the pass)
                 generation = median_time(tangents_and_gram(k, perturbation, "lowrank" if sampler == "input-span"
-                                                           else sampler), args.repeats, device)
+                                                           else sampler), args.repeats, device, MIN_SECONDS)
                 row["tangents_gram_share_of_jvp"] = generation / times["jvp"]
                 share, rest = f"{100 * row['tangents_gram_share_of_jvp']:.1f}", ""
                 # the rest of the step: jvp passes, estimate, SGD (derived: step minus generation + Gram)
@@ -260,10 +240,8 @@ def main() -> None:
                 line += f"{loop_ratio:>10.2f}{achieved:>13.1f}{100 * achieved / peak:>10.0f}{share:>12}{rest:>12}"
             print(line, flush=True)
             results[f"{label}_k{k}"] = {name: round(v, 3) for name, v in row.items()}
-    print(json.dumps({"benchmark": "engines", "model": args.model, "device": device, "tangent_budget_mb": args.tangent_budget_mb,
-                      "rank": args.rank,
-                      "backprop_ms": round(backprop * 1e3, 2),
-                      "matmul_gflops": round(peak, 1), "results": results}))
+    print_result("engines", model=args.model, device=device, tangent_budget_mb=args.tangent_budget_mb, rank=args.rank,
+                 backprop_ms=round(backprop * 1e3, 2), matmul_gflops=round(peak, 1), results=results)
 
 
 if __name__ == "__main__":

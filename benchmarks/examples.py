@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
-import json
 import statistics
 from pathlib import Path
 
 import torch
+from _common import load_example, print_result
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = {  # name -> the example's arguments
     "bp": ["--gradient", "bp"],
     "weight jvp": ["--perturbation", "weight", "--engine", "jvp"],
@@ -33,16 +31,9 @@ CONFIGS = {  # name -> the example's arguments
 }
 
 
-def example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(name: str, argv: list[str]) -> dict[str, list[dict]]:
     """Every config's records (see the example's ``training``), taking steps in turn."""
-    module = example(name)
+    module = load_example(name)
     runs = {config: module.training(module.parse(argv + extra)) for config, extra in CONFIGS.items()}
     states = {config: torch.get_rng_state() for config in CONFIGS}
     records: dict[str, list[dict]] = {config: [] for config in CONFIGS}
@@ -98,8 +89,7 @@ def main() -> None:
         writer = csv.DictWriter(file, ["example", "config", "step", "loss", "seconds"])
         writer.writeheader()
         writer.writerows(rows)
-    print(json.dumps({"benchmark": "examples", "steps": args.steps, "threads": torch.get_num_threads(),
-                      "results": summary}))
+    print_result("examples", steps=args.steps, threads=torch.get_num_threads(), results=summary)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -71,8 +67,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from _common import MB, measure_step, memory_in_use, print_result, reply, run_child, tensor_mb
 from char_gpt import GPT
-from memory import MB, rss_kib
 
 import frog
 
@@ -200,21 +196,23 @@ def fine_tune(method: str, k: int, lr: float, quick: bool, weights: Path) -> lis
     step = stepper(method, k, lr, model, vocab)
     heldout()
     rows = [{"forward_passes": 0, "heldout_loss": heldout(), "peak_mb": 0.0, "seconds": 0.0}]
-    model_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / MB
-    peak, seconds, diverged = 0.0, 0.0, False
+    model_mb = tensor_mb([*model.parameters(), *model.buffers()])
+
+    def guarded_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The step's loss, or None where it stopped with a non-finite loss."""
+        try:
+            return step(x, y)
+        except frog.NonFiniteError:
+            return None
+
+    peak, seconds = 0.0, 0.0
     for index in range(1, steps + 1):
         x, y = random_batch(train, sizes["batch"], sizes["context"], generator)
-        baseline = rss_kib("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        start = time.perf_counter()
-        try:
-            loss = step(x, y)
-        except frog.NonFiniteError:
-            diverged = True
-        seconds += time.perf_counter() - start
-        peak = max(peak, (rss_kib("VmHWM") * 1024 - baseline) / MB)
-        if diverged or not math.isfinite(float(loss)):
+        baseline = memory_in_use()
+        loss, took, high = measure_step(lambda x=x, y=y: guarded_step(x, y))
+        seconds += took
+        peak = max(peak, (high - baseline) / MB)
+        if loss is None or not math.isfinite(float(loss)):
             rows.append({"forward_passes": index * cost, "heldout_loss": math.inf, "peak_mb": model_mb + peak,
                          "seconds": seconds})
             break
@@ -246,11 +244,9 @@ def best_lrs(done: list[dict[str, str]], method: str, k: int) -> dict[float, flo
     return finals
 
 
-def run_child(method: str, k: int, lr: float, quick: bool, weights: Path) -> list[dict[str, float]]:
-    command = [sys.executable, __file__, "--child", method, str(k), repr(lr), str(weights)] + (["--quick"] if quick else [])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.splitlines()[-1])
+def fine_tune_in_child(method: str, k: int, lr: float, quick: bool, weights: Path) -> list[dict[str, float]]:
+    """``fine_tune`` in a fresh process of this script."""
+    return run_child(__file__, ["--child", method, str(k), repr(lr), str(weights)] + (["--quick"] if quick else []))
 
 
 def plot(best: dict[tuple[str, int], list[dict[str, str]]], path: Path) -> None:
@@ -303,7 +299,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         method, k, lr, weights = args.child
-        print(json.dumps(fine_tune(method, int(k), float(lr), args.quick, Path(weights))))
+        reply(fine_tune(method, int(k), float(lr), args.quick, Path(weights)))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +317,7 @@ def main() -> None:
             for lr in grid(method, k, done)[:1] if args.quick else grid(method, k, done):
                 if any(r["method"] == method and int(r["k"]) == k and float(r["lr"]) == lr for r in done):
                     continue
-                rows = [{"lr": lr, "method": method, "k": k, **r} for r in run_child(method, k, lr, args.quick, weights)]
+                rows = [{"lr": lr, "method": method, "k": k, **r} for r in fine_tune_in_child(method, k, lr, args.quick, weights)]
                 writer.writerows(rows)
                 file.flush()
                 done += [{key: str(value) for key, value in r.items()} for r in rows]
@@ -340,7 +336,7 @@ def main() -> None:
         for rows in best.values():
             writer.writerows(rows)
     plot(best, out / "finetune.png")
-    print(json.dumps({"benchmark": "finetune", "parameters": n, "quick": args.quick, "runs": summary(best, lrs)}))
+    print_result("finetune", parameters=n, quick=args.quick, runs=summary(best, lrs))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ final training loss per setting (median and all seeds) and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 import torch.nn.functional as F
+from _common import print_result
 from torch import nn
 
 import frog
@@ -86,8 +86,7 @@ def main() -> None:
                 print(f"{name}: median {statistics.median(losses):.3f}, all {[round(v, 3) for v in losses]}")
     results["backprop"] = [backprop_run(s, args.steps) for s in seeds]
     print(f"backprop L-BFGS (strong Wolfe): median {statistics.median(results['backprop']):.3f}")
-    print(json.dumps({"benchmark": "lbfgs", "steps": args.steps,
-                      "median_final_loss": {k: statistics.median(v) for k, v in results.items()}}))
+    print_result("lbfgs", steps=args.steps, median_final_loss={k: statistics.median(v) for k, v in results.items()})
 
 
 if __name__ == "__main__":

@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import subprocess
-import sys
 
 import torch
+from _common import MB, measure_step, memory_in_use, print_result, reply, run_child
 from torch import nn
 
 import frog
 
-MB = 2**20
 SETTINGS = {  # name: (layer widths, batch, perturbation, which k option, tangent sampler)
     "deep-mlp weight": ([1024] * 32 + [10], 256, "weight", "k", "normal"),
     "deep-mlp weight lowrank": ([1024] * 32 + [10], 256, "weight", "k", "lowrank"),
@@ -62,11 +58,6 @@ def block_sizes(widths: list[int], perturbation: str, sampler: str = "normal", r
         return widths[1:]
     weight = (lambda i, o: rank * (i + o)) if sampler == "lowrank" else (lambda i, o: i * o)
     return [size for i, o in itertools.pairwise(widths) for size in (weight(i, o), o)]  # weight, bias
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def measure(setting: str, method: str, k: int, device: str, budget_mb: float, rank: int) -> dict[str, float]:
@@ -95,34 +86,18 @@ def measure(setting: str, method: str, k: int, device: str, budget_mb: float, ra
 
     with torch.no_grad():
         loss_fn(model)  # warm-up forward pass
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        baseline = rss_kib("VmRSS") * 1024
-        step()
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the RSS high-water mark to the current RSS
-        step()
-        peak = rss_kib("VmHWM") * 1024
+    baseline = memory_in_use(device)
+    step()  # warm-up
+    _, _, peak = measure_step(step, device)
     return {"baseline_mb": baseline / MB, "peak_mb": (peak - baseline) / MB}
 
 
-def run_child(setting: str, method: str, k: int, device: str, default_malloc: bool, budget_mb: float,
-              rank: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", setting, method, str(k), "--device", device,
-               "--tangent-budget-mb", str(budget_mb), "--rank", str(rank)]
-    # A fixed mmap threshold makes glibc return every freed block of >= 128 KiB to the system at
-    # once, so the RSS follows the live tensors; with glibc's default (a threshold that grows up
-    # to 32 MiB) freed temporaries stay in the heap and the peak varies from run to run.
-    env = os.environ if default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.splitlines()[-1])
+def measure_in_child(setting: str, method: str, k: int, device: str, default_malloc: bool, budget_mb: float,
+                     rank: int) -> dict[str, float]:
+    """``measure`` in a fresh process of this script."""
+    return run_child(__file__, ["--child", setting, method, str(k), "--device", device,
+                                "--tangent-budget-mb", str(budget_mb), "--rank", str(rank)],
+                     fixed_mmap_threshold=not default_malloc)
 
 
 def main() -> None:
@@ -140,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         setting, method, k = args.child
-        print(json.dumps(measure(setting, method, int(k), args.device, args.tangent_budget_mb, args.rank)))
+        reply(measure(setting, method, int(k), args.device, args.tangent_budget_mb, args.rank))
         return
 
     results = {}
@@ -150,8 +125,8 @@ def main() -> None:
         sizes = block_sizes(widths, perturbation, sampler, args.rank)
         theory = {"k_x_largest_block_mb": k * max(sizes) * 4 / MB, "k_x_n_mb": k * sum(sizes) * 4 / MB}
         gradient_mb = sum(block_sizes(widths, "weight")) * 4 / MB
-        peaks = {method: run_child(setting, method, k, args.device, args.default_malloc, args.tangent_budget_mb,
-                                   args.rank)["peak_mb"]
+        peaks = {method: measure_in_child(setting, method, k, args.device, args.default_malloc,
+                                          args.tangent_budget_mb, args.rank)["peak_mb"]
                  for method in ["backprop", *args.engines]}
         print(f"\n{setting}: {len(widths) - 1} Linear layers of width {widths[1]}, batch {batch}, k = {k}, "
               f"{sum(sizes):,} stored tangent entries ({sampler}), device {args.device}, "
@@ -164,8 +139,7 @@ def main() -> None:
         results[setting] = {"k": k, **{n: round(v, 2) for n, v in theory.items()}, "gradient_mb": round(gradient_mb, 2),
                             "peak_mb": {m: round(p, 1) for m, p in peaks.items()},
                             "ratio_to_backprop": {m: round(p / peaks["backprop"], 2) for m, p in peaks.items()}}
-    print(json.dumps({"benchmark": "memory", "device": args.device, "tangent_budget_mb": args.tangent_budget_mb,
-                      "results": results}))
+    print_result("memory", device=args.device, tangent_budget_mb=args.tangent_budget_mb, results=results)
 
 
 if __name__ == "__main__":

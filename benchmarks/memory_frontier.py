@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,8 +44,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from _common import MB, measure_step, memory_in_use, print_result, reply, run_child, tensor_mb
 from char_gpt import GPT
-from memory import MB, rss_kib
 
 import frog
 
@@ -108,37 +104,22 @@ def measure(method: str, k: int, depth: int, seq: int, batch: int, dim: int, dev
     model = GPT(VOCAB, context=seq, dim=dim, depth=depth, heads=4, dropout=0.0).to(device)
     x = torch.randint(0, VOCAB, (batch, seq), device=device)
     y = torch.randint(0, VOCAB, (batch, seq), device=device)
-    model_mb = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / MB
+    model_mb = tensor_mb([*model.parameters(), *model.buffers()])
     step = step_function(method, k, model, x, y)
     with torch.no_grad():
         model(x, y)
     step()  # warm-up: what the first step loads once stays out of the measurement
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated() - grads
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        seconds, peak = time.perf_counter() - start, torch.cuda.max_memory_allocated()
-    else:
-        baseline = rss_kib("VmRSS") * 1024 - grads
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # the high-water mark starts again from the current RSS
-        start = time.perf_counter()
-        step()
-        seconds, peak = time.perf_counter() - start, rss_kib("VmHWM") * 1024
+    baseline = memory_in_use(device) - grads
+    _, seconds, peak = measure_step(step, device)
     step_mb = (peak - baseline) / MB
     return {"step_mb": step_mb, "model_mb": model_mb, "total_mb": step_mb + model_mb, "seconds": seconds}
 
 
-def run_child(method: str, k: int, setting: dict[str, int], dim: int, device: str) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", method, str(k), str(setting["depth"]), str(setting["seq"]),
-               str(setting["batch"]), "--dim", str(dim), "--device", device]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(output.splitlines()[-1])
+def measure_in_child(method: str, k: int, setting: dict[str, int], dim: int, device: str) -> dict[str, float]:
+    """``measure`` in a fresh process of this script."""
+    return run_child(__file__, ["--child", method, str(k), str(setting["depth"]), str(setting["seq"]),
+                                str(setting["batch"]), "--dim", str(dim), "--device", device])
 
 
 def plan_rows(quick: bool) -> list[tuple[str, dict[str, int], str, int]]:
@@ -224,7 +205,7 @@ def main() -> None:
     dim = args.dim or (32 if args.quick else 256)
     if args.child:
         method, k, depth, seq, batch = args.child
-        print(json.dumps(measure(method, int(k), int(depth), int(seq), int(batch), dim, args.device)))
+        reply(measure(method, int(k), int(depth), int(seq), int(batch), dim, args.device))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +219,7 @@ def main() -> None:
         for sweep, setting, method, k in plan_rows(args.quick):
             if key(sweep, setting, method, k) in have:
                 continue
-            result = run_child(method, k, setting, dim, args.device)
+            result = measure_in_child(method, k, setting, dim, args.device)
             row = {"sweep": sweep, **setting, "dim": dim, "method": method, "k": k,
                    **{name: round(value, 3) for name, value in result.items()}}
             writer.writerow(row)
@@ -250,7 +231,7 @@ def main() -> None:
     centre, _ = settings(args.quick)
     plot(rows, centre, out / "memory_frontier.png")
     summary = report(rows)
-    print(json.dumps({"benchmark": "memory_frontier", "device": args.device, "dim": dim, "centre": centre, **summary}))
+    print_result("memory_frontier", device=args.device, dim=dim, centre=centre, **summary)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import load_example, print_result
 
 import frog
 from frog.training.data import Split, batches, load_dataset
@@ -35,14 +33,6 @@ OPTIMIZERS = {
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
     "rmsprop-1e-3": lambda p: torch.optim.RMSprop(p, lr=1e-3),
 }
-
-
-def cnn_example():
-    path = Path(__file__).resolve().parent.parent / "examples" / "fashion_cnn.py"
-    spec = importlib.util.spec_from_file_location("fashion_cnn", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def lengths(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int = 5) -> dict:
@@ -81,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    example = cnn_example()
+    example = load_example("fashion_cnn")
     data = load_dataset("fashion-mnist")
     test = Split(data.test.x[:1000], data.test.y[:1000])
     torch.manual_seed(args.seed)
@@ -115,7 +105,7 @@ def main() -> None:
             plain, corrected = row["plain"], row["corrected"]
             print(f"{perturbation:<13}{name:<14}{plain[0]:>12.3f}, {plain[1]:.3f}{corrected[0]:>16.3f}, {corrected[1]:.3f}",
                   flush=True)
-    print(json.dumps({"benchmark": "optimizers", "steps": args.steps, "lengths": length, "results": results}))
+    print_result("optimizers", steps=args.steps, lengths=length, results=results)
 
 
 if __name__ == "__main__":

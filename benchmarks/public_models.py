@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Optional, Tuple  # noqa: UP035 - names the executed example f
 
 import torch
 import torch.nn.functional as F
+from _common import print_result
 from torch import nn
 
 import frog
@@ -226,7 +226,7 @@ def main() -> None:
         results.update(pytorch_examples(args.examples))
     if args.transformers:
         results.update(hugging_face())
-    print(json.dumps({"benchmark": "public_models", "results": results}))
+    print_result("public_models", results=results)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ Every time is the median of --repeats steps after a warm-up step (backprop, a fe
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
+from _common import median_time, print_result
 from torch import nn
 
 import frog
@@ -40,17 +38,8 @@ def make_model(width: int, device: str) -> nn.Sequential:
 
 
 def median_ms(step, repeats: int, device: str) -> float:
-    step()  # warm-up (vmap/jvp tracing, tangent buffers)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median ms of ``repeats`` calls of ``step`` after a warm-up call."""
+    return 1e3 * median_time(step, repeats, device)
 
 
 class Network:
@@ -123,11 +112,11 @@ def main() -> None:
     print_table("(a) FC 784-1024-1024-10, activity perturbation", "k", tables["k_activity"])
     print_table("(a) FC 784-1024-1024-10, weight perturbation", "k", tables["k_weight"])
     print_table("(b) FC 784-W-W-10, k = 16, activity perturbation", "W", tables["width_activity"])
-    print(json.dumps({"benchmark": "scaling", "device": device, "repeats": repeats,
-                      "ms": {name: {key: {m: round(v, 2) for m, v in ms.items()} for key, ms in rows.items()}
-                             for name, rows in tables.items()},
-                      "ratios": {name: {key: {e: round(ms[e] / ms["backprop"], 2) for e in ENGINES}
-                                        for key, ms in rows.items()} for name, rows in tables.items()}}))
+    print_result("scaling", device=device, repeats=repeats,
+                 ms={name: {key: {m: round(v, 2) for m, v in ms.items()} for key, ms in rows.items()}
+                     for name, rows in tables.items()},
+                 ratios={name: {key: {e: round(ms[e] / ms["backprop"], 2) for e in ENGINES}
+                                for key, ms in rows.items()} for name, rows in tables.items()})
 
 
 if __name__ == "__main__":

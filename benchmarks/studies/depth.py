@@ -43,6 +43,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
+from _common import print_result
+
 from frog.activity import blocks_of, stacks_opened
 from frog.training.data import Dataset, Split, load_dataset
 from frog.training.methods import estimator_for
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     best = study(args, datasets)
     print(markdown(best))
     plot(best, Path(args.out) / "depth.png")
-    print(json.dumps({"benchmark": "depth", "settings": args.settings, "rows": args.rows, "best": best}))
+    print_result("depth", settings=args.settings, rows=args.rows, best=best)
     return best
 
 
