@@ -1,5 +1,6 @@
-"""benchmarks/finetune.py, memory_frontier.py, guess_alignment.py and weight_guesses.py: their --quick runs finish and write what
-they promise (a fresh process per measurement, so these are the slowest tests: about 1.5 min together)."""
+"""benchmarks/memory_frontier.py and benchmarks/studies/finetune.py, guess_alignment.py and weight_guesses.py: their
+--quick runs finish and write what they promise (a fresh process per measurement, so these are the slowest tests:
+about 1.5 min together)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def run(script: str, out: Path) -> dict:
 
 @pytest.mark.skipif(not all(p.exists() for p in TEXTS), reason="needs Debian's /usr/share/common-licenses texts")
 def test_finetune_quick_writes_the_csv(tmp_path):
-    summary = run("finetune.py", tmp_path)
+    summary = run("studies/finetune.py", tmp_path)
     with (tmp_path / "finetune.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == ["method", "k", "forward_passes", "heldout_loss", "peak_mb", "seconds"]
@@ -39,7 +40,7 @@ def test_finetune_quick_writes_the_csv(tmp_path):
         assert math.isfinite(losses[-1]) and losses[-1] != losses[0]
     assert (tmp_path / "finetune.png").stat().st_size > 0
     assert summary["benchmark"] == "finetune" and "frog-jvp k=16" in summary["runs"]
-    again = run("finetune.py", tmp_path)  # a rerun finds every run in grid-quick.csv: the same table
+    again = run("studies/finetune.py", tmp_path)  # a rerun finds every run in grid-quick.csv: the same table
     assert again["runs"] == summary["runs"]
 
 
@@ -59,8 +60,8 @@ def test_memory_frontier_quick_writes_the_csv_and_plot(tmp_path):
 def test_guess_alignment_quick_writes_a_cosine_per_head_and_block(tmp_path):
     """Each head kind gets one row per hidden block (5 on the ViT); a cosine lies in [-1, 1], its mean
     square in [0, 1] and at least the squared mean."""
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guess_alignment.py"), "--quick", "--model", "vit",
-                    "--heads", "mean", "first:8", "--out", str(tmp_path)],
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "studies" / "guess_alignment.py"), "--quick",
+                    "--model", "vit", "--heads", "mean", "first:8", "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with (tmp_path / "guess_alignment.csv").open() as file:
         rows = list(csv.DictReader(file))
@@ -73,8 +74,8 @@ def test_guess_alignment_quick_writes_a_cosine_per_head_and_block(tmp_path):
 def test_weight_guesses_quick_projects_onto_the_guesses(tmp_path):
     """The output layer's guess tangent is that layer's exact gradient, so the estimate with guesses is
     much closer to the batch gradient than the one from random low-rank tangents alone."""
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "weight_guesses.py"), "--quick", "--lrs", "0.1",
-                    "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "studies" / "weight_guesses.py"), "--quick",
+                    "--lrs", "0.1", "--out", str(tmp_path)], check=True, capture_output=True, text=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     with (tmp_path / "weight_guesses.csv").open() as file:
         rows = {r["estimator"]: r for r in csv.DictReader(file)}

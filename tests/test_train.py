@@ -197,7 +197,7 @@ def test_table1_networks_sim_and_jvp_give_the_same_estimate(name, perturbation, 
 def test_resnet18_train_mode_batchnorm_couples_the_samples_of_activity_jvps():
     """BatchNorm with batch statistics makes every loss l_i depend on every sample's activity h_j. With a
     tangent v shared by the batch, jvp gives d_i = <sum_j dl_i/dh_j, v>, sim d_i = <d(sum_j l_j)/dh_i, v>
-    (SimEngine): equal in sum over i, not per sample, so the estimates differ (benchmarks/batchnorm.py
+    (SimEngine): equal in sum over i, not per sample, so the estimates differ (benchmarks/studies/batchnorm.py
     measures by how much on real batches)."""
     estimates = table1_estimates("resnet18", "activity", True, k=16)
     assert flat_cosine_and_error(estimates["jvp"][1], estimates["sim"][1])[0] < 0.99

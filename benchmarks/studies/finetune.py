@@ -30,7 +30,7 @@ grows about as sqrt(k): so frog's step sizes sit around MeZO's best (1e-4, found
 sqrt(n k): 0.1 and 0.3 for k = 1 (equally good), then 0.3 for k = 4 and 1 for k = 16 (one each: a run
 takes 10-15 minutes on 2 cores). frog-loop gives frog-jvp's estimates (tests/test_lean.py), so the
 same curve, at k times the primal passes: only --quick runs it (at frog-jvp's best step size); its
-memory is in memory_frontier.py. With guesses there is no correction (the guessed components have
+memory is in benchmarks/memory_frontier.py. With guesses there is no correction (the guessed components have
 the gradient's length): grid 0.1, 0.3, backprop's best two. MeZO keeps the MeZO paper's eps
 1e-3 and one direction; its SGD grid 1e-7..1e-5 for OPT-13B (1.3e10 parameters) does not carry over
 by a formula. Scaled by 1/n, as SPSA's n-fold squared length suggests, it would be 1.6e-2..1.6 for this
@@ -41,7 +41,7 @@ decades instead of the paper's two (and 3e-4 between the best two), the best tak
 
 Each (method, k, step size) runs in its own process; its ``peak_mb`` is the model's size plus the
 highest RSS of its training steps over the memory before them (evaluations excluded, a warm-up step
-on a copy of the weights first, so that code loaded once is not counted; see memory_frontier.py).
+on a copy of the weights first, so that code loaded once is not counted; see benchmarks/memory_frontier.py).
 ``seconds`` is the training time so far, evaluations excluded.
 
 Writes DIR/finetune.csv (``method,k,forward_passes,heldout_loss,peak_mb,seconds``: the chosen step
@@ -49,7 +49,7 @@ size's evaluation points), DIR/grid.csv (every step size, with an ``lr`` column;
 runs there), DIR/finetune.png (held-out loss against FP and against seconds) and prints the
 forward passes each frog method needs to reach MeZO's final held-out loss.
 
-    python benchmarks/finetune.py [--out DIR] [--quick] [--budget FP] [--methods bp mezo frog-jvp ...]
+    python benchmarks/studies/finetune.py [--out DIR] [--quick] [--budget FP] [--methods bp mezo frog-jvp ...]
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from _common import MB, measure_step, memory_in_use, print_result, reply, run_child, tensor_mb
 from char_gpt import GPT

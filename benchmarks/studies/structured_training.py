@@ -15,7 +15,7 @@ perturbation); weight perturbation with ``normal`` (dense), ``lowrank`` (rank 1)
 Results: OUT/sweep.csv, OUT/table.csv, and each training's folder (metrics.csv, checkpoint.pt).
 Everything resumes: a rerun skips what is written and continues interrupted trainings.
 
-    python benchmarks/structured_training.py [--widths 256 1024] [--methods ...] [--epochs 5]
+    python benchmarks/studies/structured_training.py [--widths 256 1024] [--methods ...] [--epochs 5]
         [--grid 0.01 0.03 ... 100 300] [--engine jvp] [--sweep-only] [--out runs/structured]
 """
 

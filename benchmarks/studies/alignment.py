@@ -15,7 +15,7 @@ after one epoch of backprop (plain SGD at the paper's step size). The estimates 
 ``sim`` engine, which gives the same numbers as ``jvp`` (tests). Rows are appended to
 ``OUT/alignment.csv`` as they come; a rerun skips the rows already there.
 
-    python benchmarks/alignment.py [--widths 256 1024] [--ks 1 4 16 64] [--pairs 50] [--out runs/alignment]
+    python benchmarks/studies/alignment.py [--widths 256 1024] [--ks 1 4 16 64] [--pairs 50] [--out runs/alignment]
 """
 
 from __future__ import annotations

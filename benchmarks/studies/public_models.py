@@ -12,7 +12,7 @@ and loop estimates to sim's, or the error a setting stopped with, and a final JS
   GPT-2 (also with gradient checkpointing), ViT, T5, Llama, Mistral, DistilBERT, RoBERTa, ConvNeXt,
   Swin, ResNet; weight perturbation, and activity perturbation for BERT, GPT-2 and ViT.
 
-    python benchmarks/public_models.py --examples ../pytorch-examples [--transformers]
+    python benchmarks/studies/public_models.py --examples ../pytorch-examples [--transformers]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,11 @@ from typing import Optional, Tuple  # noqa: UP035 - names the executed example f
 
 import torch
 import torch.nn.functional as F
-from _common import print_result
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
+from _common import print_result
 
 import frog
 

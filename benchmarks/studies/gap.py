@@ -6,7 +6,8 @@ result), skipping rows whose run already finished, so an interrupted table resum
 epochs, test accuracy, seconds per epoch, ratio to backprop's seconds per epoch, lr and where it came
 from, command) and prints it as a Markdown table.
 
-    python benchmarks/gap.py [--networks fc256 fc1024 resnet18 vit] [--rows NAME ...] [--out runs/gap] [--threads 2]
+    python benchmarks/studies/gap.py [--networks fc256 fc1024 resnet18 vit] [--rows NAME ...] [--out runs/gap]
+                                     [--threads 2]
 """
 
 from __future__ import annotations

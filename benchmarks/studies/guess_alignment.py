@@ -10,7 +10,7 @@ trained by its own local loss for --head-steps steps on the same batches, then t
 over the examples of --eval-batches further batches. Writes OUT/guess_alignment.csv (model, heads, block,
 cosine, cosine_squared) and prints a table.
 
-    python benchmarks/guess_alignment.py [--model vit] [--heads mean mean:64 first first:64] [--quick]
+    python benchmarks/studies/guess_alignment.py [--model vit] [--heads mean mean:64 first first:64] [--quick]
 
 A head kind is TOKENS[:CHANNELS]: what token blocks' heads read (mean or first) and their hidden
 channels (`LocalHeads(tokens=..., hidden_channels=...)`); on images and feature vectors TOKENS is ignored.

@@ -7,18 +7,23 @@ Setting: an MLP 5-16-3 (tanh) on 64 fixed random samples (3 classes), k = 16, 20
 ``max_iter=5``, 5 seeds (initial weights and tangents); backprop's L-BFGS beside it. Prints the
 final training loss per setting (median and all seeds) and a final JSON line.
 
-    python benchmarks/lbfgs.py [--seeds 5] [--steps 20]
+    python benchmarks/studies/lbfgs.py [--seeds 5] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import print_result
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
+from _common import print_result
 
 import frog
 

@@ -14,7 +14,7 @@ autograd batch gradient, so the estimate is computed exactly as frog computes it
 engine's way; true forward mode gives the same numbers up to rounding). Each estimator takes the best
 step size of --lrs for plain SGD, one epoch each; writes OUT/weight_guesses.csv and prints a table.
 
-    python benchmarks/weight_guesses.py [--lrs 0.01 0.033 0.1 0.3 1] [--quick]
+    python benchmarks/studies/weight_guesses.py [--lrs 0.01 0.033 0.1 0.3 1] [--quick]
 """
 
 from __future__ import annotations

@@ -11,17 +11,22 @@ projection as ``frog train``; batch p of a fixed order with tangents from seed p
 engines) and each one's cosine to the backprop gradient of the batch's mean loss. Prints one line
 per batch, the means with 95% confidence half-widths and a final JSON line.
 
-    python benchmarks/batchnorm.py [--batches 10] [--batch-size 64] [-k 16] [--data-dir DIR]
+    python benchmarks/studies/batchnorm.py [--batches 10] [--batch-size 64] [-k 16] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from _common import print_result
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
+from _common import print_result
 
 import frog
 from frog.quality import cosine_similarity, mean_and_ci

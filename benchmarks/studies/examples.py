@@ -9,7 +9,8 @@ example gives when run alone. Prints the loss averaged over windows of steps, th
 and its ratio to backprop, the held-out loss before and after, writes every step to
 ``--out``/examples.csv, and ends with a line of JSON.
 
-    python benchmarks/examples.py [--examples cnn gpt] [--steps 200] [--window 20] [--out runs/examples] [--threads N]
+    python benchmarks/studies/examples.py [--examples cnn gpt] [--steps 200] [--window 20] [--out runs/examples]
+                                          [--threads N]
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
 from _common import load_example, print_result
 
 CONFIGS = {  # name -> the example's arguments

@@ -9,16 +9,21 @@ First, why: the length of the estimate relative to the gradient, per parameter t
 total, on one batch of 64 (model in eval mode, mean over 5 draws), for both perturbations, plain
 and corrected.
 
-    python benchmarks/optimizers.py [--steps 150] [--perturbations activity weight] [--optimizers sgd adadelta]
+    python benchmarks/studies/optimizers.py [--steps 150] [--perturbations activity weight] [--optimizers sgd adadelta]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
 from _common import load_example, print_result
 
 import frog
