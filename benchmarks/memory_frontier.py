@@ -10,7 +10,12 @@ no dropout), width --dim, 4 heads, 65 characters. Methods, each in a fresh proce
 - ``frog-jvp`` / ``frog-loop``: frog.ForwardGradient(k, tangents="lowrank", engine=...).update, the lean
   step: low-rank weight tangents kept as factors, the estimate applied parameter by parameter in
   place, no gradient buffer; ``frog-loop-grad``: frog-loop with fill_grad and torch.optim.SGD (p.grad kept);
-- ``frog-activity``: activity perturbation, jvp engine, update().
+- ``frog-activity``: activity perturbation, jvp engine, update();
+- ``local``: greedy local learning, frog.LocalLearning(frog.LocalHeads(65)).update: each hidden block
+  trained by its head's next-character loss inside the forward pass, its graph freed before the next
+  block runs (one block's graph at a time), the last block by the true loss; no p.grad, but the step
+  holds a gradient-sized estimate (n numbers) until it applies it. The heads (built in the warm-up
+  step, a Linear(dim, 65) per hidden block) are in the baseline, not in ``model_mb``.
 
 Measurement: build the model and a batch, run one no_grad forward and a warm-up step, then reset the
 RSS high-water mark (/proc/self/clear_refs) and run the measured step. The baseline is the RSS just
@@ -23,10 +28,11 @@ beside the Python runtime, the MeZO paper's measure. glibc returns freed blocks 
 torch.cuda.max_memory_allocated after reset_peak_memory_stats, over memory_allocated.
 
 Sweeps around the centre setting (depth 8, sequence 512, batch 4): depth 2..16, sequence 128..1024,
-batch 1..16. The sweeps measure inference, bp, bp-checkpoint, mezo and frog-loop k = 1 (the lean
-path; frog-jvp k = 1 holds the same); the other frog rows run at the centre only (frog-loop's memory
-does not depend on k, frog-jvp's grows with it). Rows go to DIR/memory_frontier.csv as they come, and a rerun skips the rows
-there; DIR/memory_frontier.png plots step memory against each sweep.
+batch 1..16. The sweeps measure inference, bp, bp-checkpoint, mezo, frog-loop k = 1 (the lean
+path; frog-jvp k = 1 holds the same) and local; the other frog rows run at the centre only
+(frog-loop's memory does not depend on k, frog-jvp's grows with it). Rows go to
+DIR/memory_frontier.csv as they come, and a rerun skips the rows there; DIR/memory_frontier.png
+plots step memory against each sweep.
 
     python benchmarks/memory_frontier.py [--out DIR] [--quick] [--device cpu|cuda] [--dim 256]
 """
@@ -51,7 +57,7 @@ import frog
 
 COLUMNS = ["sweep", "depth", "seq", "batch", "dim", "method", "k", "step_mb", "total_mb", "model_mb", "seconds"]
 VOCAB = 65
-SWEEP_METHODS = [("inference", 0), ("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-loop", 1)]
+SWEEP_METHODS = [("inference", 0), ("bp", 0), ("bp-checkpoint", 0), ("mezo", 1), ("frog-loop", 1), ("local", 0)]
 QUICK_METHODS = [*SWEEP_METHODS, ("frog-jvp", 1), ("frog-jvp", 4), ("frog-activity", 4)]
 CENTRE_METHODS = [*QUICK_METHODS, ("frog-jvp", 16), ("frog-loop", 4), ("frog-loop", 16), ("frog-loop-grad", 1),
                   ("frog-activity", 16)]
@@ -69,6 +75,7 @@ def step_function(method: str, k: int, model: GPT, x: torch.Tensor, y: torch.Ten
     """One training step of ``method`` on the batch (x, y) (B, T)."""
     lr = 1e-6  # one step: the size does not matter for memory
     mean_loss = lambda m: m(x, y)[1]
+    token_losses = lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")  # (B, T)
     if method == "inference":
         return lambda: torch.no_grad()(mean_loss)(model)
     if method in ("bp", "bp-checkpoint"):
@@ -85,7 +92,10 @@ def step_function(method: str, k: int, model: GPT, x: torch.Tensor, y: torch.Ten
         return lambda: mezo.update(model, mean_loss, lr)
     if method == "frog-activity":
         fg = frog.ForwardGradient(k, perturbation="activity", engine="jvp", seed=0)
-        return lambda: fg.update(model, lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none"), lr)
+        return lambda: fg.update(model, token_losses, lr)
+    if method == "local":  # the heads predict the next character of every token; built in the first step
+        local = frog.LocalLearning(frog.LocalHeads(VOCAB))
+        return lambda: local.update(model, token_losses, lr, targets=y)
     engine = "jvp" if method == "frog-jvp" else "loop"
     fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0)
     if method == "frog-loop-grad":
@@ -182,12 +192,23 @@ def report(rows: list[dict[str, str]]) -> dict[str, float]:
     lean = [m for m in step if m[0] in ("frog-jvp", "frog-loop")]
     best = min(lean, key=lambda m: total[m]) if lean else None
     summary: dict[str, float] = {}
-    if best is not None and all(ref in total for ref in reference.values()):
-        for name, ref in reference.items():
-            summary[f"lean_frog_total_x_{name}"] = round(total[best] / total[ref], 3)
-            summary[f"lean_frog_step_x_{name}"] = round(step[best] / max(step[ref], 1e-9), 3)
-        summary["lean_frog_method"] = f"{best[0]} k={best[1]}"  # type: ignore[assignment]
+    if all(ref in total for ref in reference.values()):
+        if best is not None:
+            summary.update(_ratios("lean_frog", best, step, total, reference))
+            summary["lean_frog_method"] = f"{best[0]} k={best[1]}"  # type: ignore[assignment]
+        if ("local", 0) in step:
+            summary.update(_ratios("local", ("local", 0), step, total, reference))
     return summary
+
+
+def _ratios(prefix: str, method: tuple[str, int], step: dict, total: dict, reference: dict) -> dict[str, float]:
+    """``method``'s total and step memory over each reference method's, as PREFIX_total_x_NAME and
+    PREFIX_step_x_NAME."""
+    found = {}
+    for name, ref in reference.items():
+        found[f"{prefix}_total_x_{name}"] = round(total[method] / total[ref], 3)
+        found[f"{prefix}_step_x_{name}"] = round(step[method] / max(step[ref], 1e-9), 3)
+    return found
 
 
 def _ratio(value: float, reference: float) -> str:

@@ -50,11 +50,14 @@ def test_memory_frontier_quick_writes_the_csv_and_plot(tmp_path):
         rows = list(csv.DictReader(file))
     assert {r["sweep"] for r in rows} == {"centre", "depth"}
     centre = {(r["method"], int(r["k"])): r for r in rows if r["sweep"] == "centre"}
-    assert {"inference", "bp", "bp-checkpoint", "mezo", "frog-jvp", "frog-loop", "frog-activity"} == {m for m, _ in centre}
+    methods = {"inference", "bp", "bp-checkpoint", "mezo", "frog-jvp", "frog-loop", "frog-activity", "local"}
+    assert {m for m, _ in centre} == methods
+    assert {int(r["depth"]) for r in rows if r["method"] == "local"} == {1, 2}  # local learning in the sweep too
     for row in rows:  # the total is the model plus the step
         assert float(row["total_mb"]) == pytest.approx(float(row["model_mb"]) + float(row["step_mb"]), abs=2e-3)
     assert (tmp_path / "memory_frontier.png").stat().st_size > 0
     assert summary["benchmark"] == "memory_frontier" and "lean_frog_total_x_bp" in summary
+    assert "local_step_x_bp" in summary
 
 
 def test_guess_alignment_quick_writes_a_cosine_per_head_and_block(tmp_path):
