@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import frog
+from frog.engines import FiniteDifferenceEngine, JvpEngine, make_engine
 
 F64 = torch.float64
 
@@ -361,8 +362,15 @@ def test_bad_inputs():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters with requires_grad=True"):
         fg.fill_grad(frozen, lambda m: m(torch.ones(2)).sum())
-    with pytest.raises(ValueError, match="fd_step must be > 0"):
-        frog.ForwardGradient(2, engine="fd", fd_step=0.0)
+    with pytest.raises(ValueError, match="the fd engine's step must be a finite number > 0"):
+        frog.ForwardGradient(2, engine=FiniteDifferenceEngine(0.0))
+    with pytest.warns(DeprecationWarning, match="engine=FiniteDifferenceEngine"), \
+            pytest.raises(ValueError, match="the fd engine's step must be"):
+        frog.ForwardGradient(2, engine="fd", fd_step=0.0)  # the older way to give the step
+    with pytest.raises(ValueError, match="fd_step is the step of engine='fd'"):
+        make_engine("sim", fd_step=1e-3)
+    with pytest.raises(ValueError, match="carries its own options"):
+        make_engine(JvpEngine(max_streams=2), max_streams=3)
     with pytest.raises(ValueError, match="seed must be an integer"):
         frog.ForwardGradient(2, seed=1.5)
 

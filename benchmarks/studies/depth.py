@@ -262,7 +262,8 @@ def step_seconds(config: TrainConfig, data: Dataset, steps: int) -> float:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
         else:
-            estimator.fill_grad(model, lambda m: nn.functional.cross_entropy(m(x), y, reduction="none"), targets=y)
+            estimator.fill_grad(model, lambda m, x=x, y=y: nn.functional.cross_entropy(m(x), y, reduction="none"),
+                                targets=y)
         optimizer.step()
         times.append(time.perf_counter() - start)
     return statistics.median(times[3:])

@@ -5,8 +5,9 @@ orthogonal projection onto the span of the tangents ("frog") or by sum/mean.
 """
 
 from .activity import describe_blocks
+from .activity_perturbation import ActivityPerturbation
 from .aggregation import METHODS, aggregate, coefficients, scale_correction
-from .engines import ENGINES
+from .engines import ENGINES, FiniteDifferenceEngine, JvpEngine, LoopEngine, SimEngine
 from .errors import CheckpointError, ForwardModeError, NonFiniteError
 from .estimator import ForwardGradient
 from .guesses import GuessSource, LocalHeads, TopDown
@@ -16,6 +17,7 @@ from .local import LocalLearning
 from .mezo import MeZO
 from .tangents import KINDS, TangentPlan, sample_tangents
 from .training.functions import FUNCTIONS, get_function, rosenbrock, sphere, styblinski_tang
+from .weight_perturbation import WeightPerturbation
 
 __version__ = "0.1.0"  # the one place; pyproject.toml reads it, CHANGELOG.md says what changed
 
@@ -24,17 +26,23 @@ __all__ = [
     "FUNCTIONS",
     "KINDS",
     "METHODS",
+    "ActivityPerturbation",
     "CheckpointError",
+    "FiniteDifferenceEngine",
     "ForwardGradient",
     "ForwardModeError",
     "GradientEstimator",
     "GuessSource",
+    "JvpEngine",
     "LocalHeads",
     "LocalLearning",
+    "LoopEngine",
     "MeZO",
     "NonFiniteError",
+    "SimEngine",
     "TangentPlan",
     "TopDown",
+    "WeightPerturbation",
     "aggregate",
     "coefficients",
     "combine",

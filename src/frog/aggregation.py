@@ -16,10 +16,12 @@ tangents still give the orthogonal projection (any solution of G c = d gives the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .layouts import combine, gram_of
+from .tangents import TangentPlan, mean_squared_norm
 
 METHODS = ("sum", "mean", "project")
 
@@ -28,6 +30,48 @@ def check_method(method: str) -> None:
     """Raise ValueError for an unknown aggregation name."""
     if method not in METHODS:
         raise ValueError(f"unknown aggregation {method!r}; choose one of {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """Turns a step's jvps into coefficients on its plan's *raw* tangents W: estimate = W^T c_W.
+
+    With tangents V = T W (a sampler's mixing T, :meth:`frog.tangents.TangentPlan.transform`):
+    d_V = T d_W, G_V = T G_W T^T, c_V from :func:`coefficients` (``method``), times the length
+    correction :func:`scale_correction` when ``length_correction``, and c_W = T^T c_V.
+
+    Args:
+        method: ``sum``, ``mean`` or ``project``.
+        num_tangents: k.
+        sampler: the tangents' sampler (for the correction's E|v|^2).
+        normalize: whether the tangents are normalized (E|v|^2 = 1).
+        length_correction: multiply by the correction (not with guesses, whose components have the
+            gradient's length; input-span tangents span less than n: the correction uses the plan's span).
+        rtol: eigenvalue cut-off of the Gram solve.
+    """
+
+    method: str
+    num_tangents: int
+    sampler: str = "normal"
+    normalize: bool = False
+    length_correction: bool = False
+    rtol: float | None = None
+
+    def __call__(self, plan: TangentPlan, raw_jvps: torch.Tensor) -> torch.Tensor:
+        """Coefficients c_W (k,) or (k, B) for raw jvps (k,) or (k, B)."""
+        transform = plan.transform()
+        jvps = raw_jvps if transform is None else (transform @ raw_jvps.double()).to(raw_jvps.dtype)
+        gram = None
+        if self.method == "project":
+            gram = plan.gram() if transform is None else transform @ plan.gram() @ transform.T
+        coeffs = coefficients(gram, jvps, self.method, rtol=self.rtol)
+        if self.length_correction:
+            n = plan.spanned_dimension()
+            mean_sq = mean_squared_norm(self.sampler, self.normalize, n)
+            coeffs = coeffs * scale_correction(self.method, self.num_tangents, n, mean_sq)
+        if transform is not None:
+            coeffs = (transform.T @ coeffs.double()).to(coeffs.dtype)
+        return coeffs
 
 
 def solve_gram(gram: torch.Tensor, rhs: torch.Tensor, rtol: float) -> torch.Tensor:

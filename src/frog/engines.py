@@ -36,6 +36,7 @@ import torch
 from torch.func import jvp, vmap
 
 from . import layers
+from .checks import check_choice, check_int, check_positive
 from .errors import ForwardModeError
 from .forward_mode.attention import forward_mode_attention
 from .forward_mode.batchnorm import forward_mode_batch_norm
@@ -104,7 +105,7 @@ def forward_mode_rules() -> Iterator[None]:
         yield
 
 
-class Split:
+class RoutedPrimals:
     """The primals of one engine call, split by how their tangents enter.
 
     ``routes``: factored blocks whose every use is a known module (:mod:`frog.layers`): their weights
@@ -158,10 +159,26 @@ class Split:
 
 
 class Engine(ABC):
-    """An engine; ``single_pass`` ones run ``fn`` exactly once per step."""
+    """An engine, carrying its own options. Two declared capabilities:
+
+    - ``single_pass``: it runs ``fn`` exactly once per step (``sim``), so BatchNorm's running statistics
+      update in that pass, and per-sample activity positions give per-sample jvps;
+    - ``chains_blocks``: :meth:`chained` gives the per-sample activity jvps of a plain chain of blocks
+      from the plain pass itself (``sim``: block-local backward products chained from the loss).
+    """
 
     name = ""
     single_pass = False
+    chains_blocks = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def chained(self, losses: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                plan: TangentPlan, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The per-sample jvps (len(rows), B) of ``losses`` along the block-output tangents of ``plan``, from
+        the plain pass that computed them (``chains_blocks`` engines only)."""
+        raise NotImplementedError(f"engine {self.name!r} does not chain blocks")
 
     @abstractmethod
     def __call__(
@@ -192,15 +209,16 @@ class JvpEngine(Engine):
 
     name = "jvp"
 
-    def __init__(self, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB, max_streams: int | None = None) -> None:
+    def __init__(self, max_streams: int | None = None, budget_mb: float = DEFAULT_TANGENT_BUDGET_MB) -> None:
         self.budget_bytes = budget_bytes(budget_mb)
-        if max_streams is not None and (isinstance(max_streams, bool) or not isinstance(max_streams, int)
-                                        or max_streams < 1):
-            raise ValueError(f"max_streams must be an integer >= 1 or None, got {max_streams!r}")
+        check_int("max_streams", max_streams, 1, optional=True)
         self.max_streams = max_streams
 
+    def __repr__(self) -> str:
+        return f"JvpEngine(max_streams={self.max_streams}, budget_mb={self.budget_bytes / 2**20:g})"
+
     def __call__(self, fn, primals, plan, rows=None, users=None):
-        split = Split(primals, plan, users)
+        split = RoutedPrimals(primals, plan, users)
         wanted = list(range(plan.num_tangents)) if rows is None else list(rows)
         itemsize = next(iter(primals.values())).element_size()
         size = rows_within(self.budget_bytes, len(wanted), split.tangent_size(plan), itemsize)
@@ -228,7 +246,7 @@ class LoopEngine(Engine):
     name = "loop"
 
     def __call__(self, fn, primals, plan, rows=None, users=None):
-        split = Split(primals, plan, users)
+        split = RoutedPrimals(primals, plan, users)
         run, primal_args = split.forward_mode(fn), split.primal_args(primals, plan)
         replay = RngReplay(_device(primals))
         jvps = []
@@ -257,9 +275,10 @@ class SimEngine(Engine):
 
     name = "sim"
     single_pass = True
+    chains_blocks = True
 
     def __call__(self, fn, primals, plan, rows=None, users=None):
-        split = Split(primals, plan, users)
+        split = RoutedPrimals(primals, plan, users)
         # routed weights need no gradient (no m x n weight-gradient products): their jvps come from
         # their layers' output gradients, tapped in the same backward pass
         leaves = {name: p.detach().requires_grad_(b in split.free) for b, (name, p) in enumerate(primals.items())}
@@ -331,12 +350,14 @@ class FiniteDifferenceEngine(Engine):
     name = "fd"
 
     def __init__(self, step: float = 1e-3) -> None:
-        if not step > 0:
-            raise ValueError(f"fd_step must be > 0, got {step}")
+        check_positive("the fd engine's step", step)
         self.step = float(step)
 
+    def __repr__(self) -> str:
+        return f"FiniteDifferenceEngine(step={self.step:g})"
+
     def __call__(self, fn, primals, plan, rows=None, users=None):
-        split = Split(primals, plan, users)
+        split = RoutedPrimals(primals, plan, users)
         replay = RngReplay(_device(primals))
         with torch.no_grad():
             with layers.basis_hooks(split.routes, split.bases):
@@ -352,7 +373,7 @@ class FiniteDifferenceEngine(Engine):
         return value, torch.stack(jvps)
 
 
-def _moved(fn: Function, primals: dict[str, torch.Tensor], split: Split, free: dict[str, torch.Tensor],
+def _moved(fn: Function, primals: dict[str, torch.Tensor], split: RoutedPrimals, free: dict[str, torch.Tensor],
            packed: dict[int, torch.Tensor], step: torch.Tensor, replay: RngReplay) -> torch.Tensor:
     """fn at the primals moved by ``step`` times one tangent (``free``: dense rows (1, ...); ``packed``:
     routed factors (1, r, m + n)), with the random numbers of the unmoved pass."""
@@ -370,21 +391,31 @@ def check_scalar(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def make_engine(name: str, fd_step: float = 1e-3, tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB,
-                max_streams: int | None = None) -> Engine:
-    """The engine called ``name`` (``jvp``, ``loop``, ``sim`` or ``fd``); ``max_streams``: jvp only."""
-    if max_streams is not None and name != "jvp":
-        raise ValueError(f"max_streams bounds the vectorized passes of engine='jvp', not engine={name!r} "
+ENGINE_CLASSES: dict[str, type[Engine]] = {"jvp": JvpEngine, "loop": LoopEngine, "sim": SimEngine,
+                                           "fd": FiniteDifferenceEngine}
+
+
+def make_engine(engine: str | Engine, fd_step: float | None = None,
+                tangent_budget_mb: float = DEFAULT_TANGENT_BUDGET_MB, max_streams: int | None = None) -> Engine:
+    """The engine ``engine``: an :class:`Engine` as it is, or one built from its name (``jvp``, ``loop``,
+    ``sim`` or ``fd``). ``fd_step`` (fd only) and ``max_streams`` (jvp only) are the older way to give the
+    options that :class:`FiniteDifferenceEngine` and :class:`JvpEngine` now carry; ``tangent_budget_mb``
+    bounds the chunks of a jvp engine built here."""
+    if isinstance(engine, Engine):
+        if fd_step is not None or max_streams is not None:
+            raise ValueError(f"the engine {engine!r} carries its own options: drop fd_step and max_streams")
+        return engine
+    check_choice("engine", engine, ENGINES)
+    if max_streams is not None and engine != "jvp":
+        raise ValueError(f"max_streams bounds the vectorized passes of engine='jvp', not engine={engine!r} "
                          "(loop runs one stream at a time): drop it or use engine='jvp'")
-    if name == "jvp":
-        return JvpEngine(tangent_budget_mb, max_streams)
-    if name == "loop":
-        return LoopEngine()
-    if name == "sim":
-        return SimEngine()
-    if name == "fd":
-        return FiniteDifferenceEngine(fd_step)
-    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if fd_step is not None and engine != "fd":
+        raise ValueError(f"fd_step is the step of engine='fd', not engine={engine!r}: drop it or use engine='fd'")
+    if engine == "jvp":
+        return JvpEngine(max_streams, tangent_budget_mb)
+    if engine == "fd":
+        return FiniteDifferenceEngine(1e-3 if fd_step is None else fd_step)
+    return ENGINE_CLASSES[engine]()
 
 
 _MISSING_RULE = re.compile(r"forward AD with (\S+) that does not support it")

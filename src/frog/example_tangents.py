@@ -19,6 +19,7 @@ solves its own projection.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -37,14 +38,15 @@ class MaskCheck:
     through a ReLU, a max-pool after it, or dropout)."""
 
     def __init__(self) -> None:
-        self.decided: dict[int, bool] = {}
+        # keyed by the block itself, held weakly: a freed model's entries go with it (an id could be reused)
+        self.decided: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def mask(self, block: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
         """(B, *features) float mask of the active units of ``output``, or None (keep every unit)."""
         zero = output.detach() == 0
         if not bool(zero.any()):
             return None
-        key = id(block)
+        key = block
         if key not in self.decided:
             params = [p for p in block.parameters() if p.requires_grad]
             probe = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(output) * zero

@@ -11,7 +11,8 @@ never ask which one they hold:
 - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint keeps;
 - ``loss_contract``: what ``loss_fn(model)`` returns, :data:`SCALAR` (the loss) or :data:`PER_SAMPLE`
   (per-sample losses (B,) or (B, ...); the estimate is that of their mean);
-- ``calls``: the number of estimates made so far (each call draws new random numbers).
+- ``calls``: the number of estimates made so far (each call draws new random numbers), kept with the
+  seed in one :class:`StepState`.
 
 A subclass implements :meth:`GradientEstimator.estimates`; ``fill_grad`` and ``update`` are built on it.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -45,13 +47,42 @@ class StepEstimates(NamedTuple):
     estimates: Iterator[tuple[str, torch.Tensor]]
 
 
+@dataclass
+class StepState:
+    """What an estimator's steps depend on, apart from the model: the ``seed`` and ``calls``, the number of
+    estimates made so far (call t draws its random numbers from (seed, t)). Within
+    :meth:`frog.ForwardGradient.same_tangents` the step is ``held``: the counter stays put."""
+
+    seed: int = 0
+    calls: int = 0
+    held: bool = False
+
+    def advance(self) -> None:
+        """One estimate made: the next call draws new random numbers (unless held)."""
+        if not self.held:
+            self.calls += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checkpoints of frog 0.1.0 name the counter ``step``)."""
+        self.seed = int(state.get("seed", self.seed))
+        self.calls = int(state["calls"] if "calls" in state else state["step"])
+
+
 class GradientEstimator(ABC):
     """An estimate of the gradient of ``loss_fn(model)`` with respect to the model's trainable parameters
     (module docstring). Subclasses implement :meth:`estimates`, :meth:`state_dict` and
-    :meth:`load_state_dict`, set :attr:`loss_contract`, and count their calls in :attr:`calls`."""
+    :meth:`load_state_dict`, set :attr:`loss_contract`, and keep their :class:`StepState` in ``state``."""
 
     loss_contract: str = SCALAR
-    calls: int = 0
+    state: StepState
+
+    @property
+    def calls(self) -> int:
+        """The number of estimates made so far."""
+        return self.state.calls
 
     @abstractmethod
     def estimates(self, model: nn.Module, loss_fn: LossFn, *, targets: Any = None,

@@ -37,6 +37,7 @@ from .interface import (
     GradientEstimator,
     LossFn,
     StepEstimates,
+    StepState,
     check_finite,
     per_sample_losses,
     release,
@@ -72,17 +73,17 @@ class LocalLearning(GradientEstimator):
         if not isinstance(guess, GuessSource):
             raise ValueError(f"guess must be a frog.GuessSource (e.g. LocalHeads(num_classes)), got "
                              f"{type(guess).__name__}")
-        self.guess, self.blocks, self.calls = guess, blocks, 0
+        self.guess, self.blocks, self.state = guess, blocks, StepState()
         self._warned = False
 
     def __repr__(self) -> str:
         return f"LocalLearning(guess={type(self.guess).__name__}, calls={self.calls})"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "guess": self.guess.state_dict()}
+        return {**self.state.state_dict(), "guess": self.guess.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.calls = int(state["calls"])
+        self.state.load_state_dict(state)
         self.guess.load_state_dict(state.get("guess", {}))
 
     def estimates(self, model: nn.Module, loss_fn: LossFn, *, targets: Any = None,
@@ -95,7 +96,7 @@ class LocalLearning(GradientEstimator):
         run = _stream if self.guess.streams else _after_pass
         losses, grads = run(self.guess, model, loss_fn, blocks, params, targets)
         check_finite(self.calls, losses)
-        self.calls += 1
+        self.state.advance()
         unreached = [name for name in params if name not in grads]
         if unreached and not self._warned:
             self._warned = True

@@ -30,7 +30,7 @@ from .checks import check_int, check_positive
 from .engines import RngReplay, check_scalar
 from .forward_mode.batchnorm import frozen_running_stats
 from .forward_mode.masks import same_masks
-from .interface import GradientEstimator, LossFn, StepEstimates, check_finite, trainable_parameters
+from .interface import GradientEstimator, LossFn, StepEstimates, StepState, check_finite, trainable_parameters
 from .tangents import derive_seed
 
 
@@ -54,8 +54,8 @@ class MeZO(GradientEstimator):
         check_positive("eps", eps)
         check_int("directions", directions, 1)
         check_int("seed", seed)
-        self.eps, self.directions, self.seed = float(eps), directions, seed
-        self.calls = 0  # the call counter: each call draws new directions
+        self.eps, self.directions = float(eps), directions
+        self.state = StepState(seed)  # the seed and the call counter: each call draws new directions
 
     def __repr__(self) -> str:
         return f"MeZO(eps={self.eps:g}, directions={self.directions}, seed={self.seed}, step={self.calls})"
@@ -67,11 +67,15 @@ class MeZO(GradientEstimator):
                       stacklevel=2)
         return self.calls
 
+    @property
+    def seed(self) -> int:
+        return self.state.seed
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "calls": self.calls}
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.calls = int(state["seed"]), int(state.get("calls", state.get("step", 0)))
+        self.state.load_state_dict(state)
 
     def direction(self, parameter: torch.Tensor, call: int, j: int, index: int) -> torch.Tensor:
         """The entries of direction j for the ``index``-th parameter at call ``call`` (the parameter's shape)."""
@@ -109,7 +113,7 @@ class MeZO(GradientEstimator):
                 self._add(params, call, [*only, self.eps])
         pairs = torch.stack(values).view(self.directions, 2)
         check_finite(call, pairs)
-        self.calls += 1
+        self.state.advance()
         return pairs.mean().to(params[0].dtype), (pairs[:, 0] - pairs[:, 1]) / (2 * self.eps)
 
     def estimates(self, model: nn.Module, loss_fn: LossFn, *, targets: Any = None,

@@ -241,7 +241,7 @@ def sample_tangents(
     check_size(kind, num_tangents, math.prod(shape))
     if kind == "input-span":
         raise ValueError("input-span tangents are drawn inside the span of a layer's inputs while the layer "
-                         "runs: use ForwardGradient(tangents='input-span').fill_grad(model, loss_fn)")
+                         "runs: use ForwardGradient(sampler='input-span').fill_grad(model, loss_fn)")
     if kind == "lowrank" and len(shape) < 2:
         raise ValueError(f"tangents='lowrank' needs a shape of 2 or more dimensions (a matrix), got {tuple(shape)}; "
                          "a vector has no low-rank structure: use tangents='normal'")

@@ -150,7 +150,7 @@ def descend(
     function = get_function(run.function)
     options = {"engine": engine, "seed": run.seed, "scale_correction": False}  # the paper's plain estimators
     if run.angle is not None:
-        options.update(tangents="angle", angle=run.angle)
+        options.update(sampler="angle", angle=run.angle)
     estimator = estimator_for(run.method, run.k or 1, **options)
     if estimator is not None and not isinstance(estimator, ForwardGradient):  # plan_runs admits the paper's methods only
         raise ValueError(f"{run.method} perturbs a model's weights: frog optimize runs {', '.join(PAPER_METHODS)}")

@@ -287,7 +287,7 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
                               perturbation=config.perturbation, communicator=comm,
-                              tangents=config.sampler, rank=config.rank,
+                              sampler=config.sampler, rank=config.rank,
                               tangent_budget_mb=config.tangent_budget_mb,
                               scale_correction=False,  # the paper's plain estimators
                               mezo_eps=config.mezo_eps,
