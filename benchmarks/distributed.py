@@ -50,7 +50,7 @@ def timed_steps(comm: Communicator | None, k: int, steps: int, perturbation: str
         comm.shard_weight = (shard.stop - shard.start) / 64
         x, y = x[shard], y[shard]
     estimator = frog.ForwardGradient(k, "project", engine="jvp", seed=0, communicator=comm, perturbation=perturbation,
-                                     tangents=sampler)
+                                     sampler=sampler)
     reduction = "none" if perturbation == "activity" else "mean"
 
     def step() -> None:

@@ -169,7 +169,7 @@ def main() -> None:
         if options.get("guess"):
             options["guess"] = frog.guesses.LocalHeads(classes)
         estimator = frog.ForwardGradient(k, "project", engine=engine, seed=0, perturbation=perturbation.split("-")[0],
-                                         tangent_budget_mb=args.tangent_budget_mb, tangents=sampler, rank=rank,
+                                         tangent_budget_mb=args.tangent_budget_mb, sampler=sampler, rank=rank,
                                          **options)
         reduction = "none" if perturbation.startswith("activity") else "mean"
 
@@ -191,7 +191,7 @@ def main() -> None:
     def tangents_and_gram(k: int, perturbation: str, sampler: str):
         rank = args.rank if sampler in frog.tangents.STRUCTURED else 1
         generator_only = frog.ForwardGradient(k, "project", seed=0, tangent_budget_mb=args.tangent_budget_mb,
-                                              tangents=sampler, rank=rank)
+                                              sampler=sampler, rank=rank)
 
         def run() -> None:
             generator_only.plan(block_shapes[perturbation], x).gram()  # every block, and their Gram

@@ -74,7 +74,7 @@ def measure(setting: str, method: str, k: int, device: str, budget_mb: float, ra
 
     estimator = frog.ForwardGradient(k, "project", engine=method if method != "backprop" else "jvp",
                                      seed=0, perturbation=perturbation, tangent_budget_mb=budget_mb,
-                                     tangents=sampler, rank=rank if sampler == "lowrank" else 1)
+                                     sampler=sampler, rank=rank if sampler == "lowrank" else 1)
 
     def step() -> None:
         if method == "backprop":

@@ -7,7 +7,7 @@ no dropout), width --dim, 4 heads, 65 characters. Methods, each in a fresh proce
 - ``bp``: loss.backward() and a plain SGD step (p.grad: n numbers);
 - ``bp-checkpoint``: the same with every block under torch.utils.checkpoint (only block inputs kept);
 - ``mezo``: frog.MeZO(eps=1e-3).update, SPSA in place, no gradient buffer;
-- ``frog-jvp`` / ``frog-loop``: frog.ForwardGradient(k, tangents="lowrank", engine=...).update, the lean
+- ``frog-jvp`` / ``frog-loop``: frog.ForwardGradient(k, sampler="lowrank", engine=...).update, the lean
   step: low-rank weight tangents kept as factors, the estimate applied parameter by parameter in
   place, no gradient buffer; ``frog-loop-grad``: frog-loop with fill_grad and torch.optim.SGD (p.grad kept);
 - ``frog-activity``: activity perturbation, jvp engine, update();
@@ -97,7 +97,7 @@ def step_function(method: str, k: int, model: GPT, x: torch.Tensor, y: torch.Ten
         local = frog.LocalLearning(frog.LocalHeads(VOCAB))
         return lambda: local.update(model, token_losses, lr, targets=y)
     engine = "jvp" if method == "frog-jvp" else "loop"
-    fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0)
+    fg = frog.ForwardGradient(k, sampler="lowrank", engine=engine, perturbation="weight", seed=0)
     if method == "frog-loop-grad":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 

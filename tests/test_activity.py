@@ -139,7 +139,7 @@ def test_k_equals_n_basis_tangents_give_the_exact_gradient(engine, language_mode
     idx, targets = data()
     n = 3 * CONTEXT * DIM + CONTEXT * DIM + CONTEXT * VOCAB  # token, 2 layers, head: (T, C) per sample; position: (T, C) shared
     assert activity_size(model, idx) == n
-    fg = frog.ForwardGradient(n, tangents="basis", engine=engine, perturbation="activity", seed=1)
+    fg = frog.ForwardGradient(n, sampler="basis", engine=engine, perturbation="activity", seed=1)
     estimate = copy.deepcopy(model)
     loss = fg.fill_grad(estimate, token_losses(idx, targets))
     exact = exact_gradients(model, lambda m: m(idx, targets)[1])
@@ -172,7 +172,7 @@ def test_sequential_with_parameter_free_children():
     n = 2 * 4 * 4 + 3
     for engine in ("jvp", "sim"):
         estimate = copy.deepcopy(model)
-        frog.ForwardGradient(n, tangents="basis", engine=engine, perturbation="activity").fill_grad(
+        frog.ForwardGradient(n, sampler="basis", engine=engine, perturbation="activity").fill_grad(
             estimate, lambda m: F.cross_entropy(m(x), y, reduction="none"))
         exact = exact_gradients(model, lambda m: F.cross_entropy(m(x), y))
         for got, want in zip((p.grad for p in estimate.parameters()), exact, strict=True):
@@ -215,7 +215,7 @@ def test_transformer_encoder_layers_are_blocks():
     x, y = torch.randn(3, 5, 3, dtype=F64), torch.tensor([0, 1, 1])
     estimate = copy.deepcopy(model)
     n = 3 * 5 * 4 + 2
-    frog.ForwardGradient(n, tangents="basis", perturbation="activity").fill_grad(
+    frog.ForwardGradient(n, sampler="basis", perturbation="activity").fill_grad(
         estimate, lambda m: F.cross_entropy(m(x), y, reduction="none"))
     exact = exact_gradients(model, lambda m: F.cross_entropy(m(x), y))
     for got, want in zip((p.grad for p in estimate.parameters()), exact, strict=True):

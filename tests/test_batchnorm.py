@@ -273,11 +273,11 @@ def cnn_data(batch=5):
     return torch.randn(batch, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 3, (batch,), generator=g)
 
 
-def estimate(model, engine, perturbation, loss, k=4, tangents="normal", fused=True, monkeypatch=None):
+def estimate(model, engine, perturbation, loss, k=4, sampler="normal", fused=True, monkeypatch=None):
     """(p.grad of every parameter, buffers) after one fill_grad on a copy of ``model``."""
     model = copy.deepcopy(model)
     monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED", fused)
-    fg = frog.ForwardGradient(k, engine=engine, perturbation=perturbation, tangents=tangents, seed=3)
+    fg = frog.ForwardGradient(k, engine=engine, perturbation=perturbation, sampler=sampler, seed=3)
     fg.fill_grad(model, lambda m: loss(m, "none" if perturbation == "activity" else "mean"))
     monkeypatch.setattr(frog.forward_mode.batchnorm, "FUSED", True)
     return [p.grad for p in model.parameters()], dict(model.named_buffers())
@@ -322,7 +322,7 @@ def test_k_equals_n_basis_tangents_give_the_exact_gradient(engine, monkeypatch):
 
     n = sum(p.numel() for p in model.parameters())
     calls = count_routed(monkeypatch)
-    grads, _ = estimate(model, engine, "weight", loss, k=n, tangents="basis", monkeypatch=monkeypatch)
+    grads, _ = estimate(model, engine, "weight", loss, k=n, sampler="basis", monkeypatch=monkeypatch)
     assert calls
     exact = copy.deepcopy(model)
     loss(exact, "mean").backward()

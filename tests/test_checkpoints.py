@@ -90,7 +90,7 @@ def test_damaged_checkpoints_and_foreign_values(tmp_path):
 
 
 def test_resume_of_a_checkpoint_without_random_state_as_older_versions_wrote(tmp_path):
-    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="fg-mean", tangents=4, engine="sim",
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="fg-mean", num_tangents=4, engine="sim",
                          lr=0.05, batch_size=32, epochs=2)
     straight = train(config, tmp_path / "a", **QUIET)
     interrupted_after(config, 1, tmp_path / "b")

@@ -105,7 +105,7 @@ def dense_tangents(model: nn.Module, k: int, kind: str, rank: int) -> torch.Tens
 def test_estimate_is_the_projection_onto_the_tangents(name, kind, engine):
     model, loss_fn = setup(name)
     rank = 2 if kind == "lowrank" else 1
-    got = estimate(model, loss_fn, tangents=kind, rank=rank, engine=engine)
+    got = estimate(model, loss_fn, sampler=kind, rank=rank, engine=engine)
     assert got.device.type == DEVICE.type
     expected = lstsq_projection(dense_tangents(model, 6, kind, rank).cpu(), true_gradient(model, loss_fn).cpu())
     assert rel_err(got.cpu(), expected) < TOL[engine]
@@ -130,8 +130,8 @@ def test_k_equal_n_is_the_exact_gradient(engine):
 @pytest.mark.parametrize("kind", ["normal", "lowrank"])
 def test_same_seed_same_numbers(kind):
     model, loss_fn = setup("mlp")
-    first = estimate(model, loss_fn, tangents=kind, engine="jvp").clone()
-    assert torch.equal(estimate(model, loss_fn, tangents=kind, engine="jvp"), first)
+    first = estimate(model, loss_fn, sampler=kind, engine="jvp").clone()
+    assert torch.equal(estimate(model, loss_fn, sampler=kind, engine="jvp"), first)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit"])
@@ -204,7 +204,7 @@ def test_batches_on_cuda():
 
 
 def test_resume_on_cuda_equals_uninterrupted(tmp_path):
-    config = TrainConfig(model="fc", width=64, dataset="digits", gradient="frog", tangents=16, lr=0.3,
+    config = TrainConfig(model="fc", width=64, dataset="digits", gradient="frog", num_tangents=16, lr=0.3,
                          batch_size=16, epochs=2, device=str(DEVICE))
     quiet = {"progress": False, "log": lambda s: None}
     straight = train(config, tmp_path / "a", **quiet)

@@ -19,7 +19,7 @@ import frog
 from frog.distributed import Communicator, DistributedError
 from frog.training.train import TrainConfig, train
 
-CONFIG = {"model": "fc", "width": 32, "dataset": "digits", "tangents": 4, "lr": 0.05, "batch_size": 96, "epochs": 1}
+CONFIG = {"model": "fc", "width": 32, "dataset": "digits", "num_tangents": 4, "lr": 0.05, "batch_size": 96, "epochs": 1}
 SCENARIOS = {
     "tangent": ({"gradient": "frog", "perturbation": "activity"}, "tangent"),
     "tangent-weight": ({"gradient": "fg-mean", "perturbation": "weight"}, "tangent"),
@@ -122,7 +122,7 @@ def test_two_ranks_match_one_process(tmp_path):
         header, *rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
         bytes_per_step = float(rows[-1].split(",")[header.split(",").index("comm_bytes_per_step")])
         if name in ("tangent-weight", "tangent-lowrank", "data-weight"):
-            assert 0 < bytes_per_step <= 8 * CONFIG["tangents"] * 2  # k numbers, not n
+            assert 0 < bytes_per_step <= 8 * CONFIG["num_tangents"] * 2  # k numbers, not n
         assert bytes_per_step > 0
 
 

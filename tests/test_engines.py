@@ -63,7 +63,7 @@ FUNCTIONS = {
 
 def estimator(kind, angle, aggregation, engine, k=4, seed=3, **kw):
     """The plain estimator (no length correction): these tests check the aggregations' math."""
-    return frog.ForwardGradient(num_tangents=k, aggregation=aggregation, tangents=kind, engine=engine, seed=seed,
+    return frog.ForwardGradient(num_tangents=k, aggregation=aggregation, sampler=kind, engine=engine, seed=seed,
                                 angle=angle, **{"scale_correction": False, **kw})
 
 

@@ -270,7 +270,7 @@ def test_num_tangents_must_be_positive_int(k):
 
 
 def test_basis_with_more_tangents_than_dimension():
-    fg = frog.ForwardGradient(5, tangents="basis")
+    fg = frog.ForwardGradient(5, sampler="basis")
     with pytest.raises(ValueError, match=r"at most n = 4 tangents, but 5"):
         fg.grad(frog.sphere, torch.ones(4))
     for kind in ("basis", "orthonormal"):
@@ -282,7 +282,7 @@ def test_basis_with_more_tangents_than_dimension():
     "kwargs,names",
     [
         ({"aggregation": "median"}, frog.METHODS),
-        ({"tangents": "uniform"}, frog.KINDS),
+        ({"sampler": "uniform"}, frog.KINDS),
         ({"engine": "reverse"}, frog.ENGINES),
     ],
 )
@@ -298,16 +298,16 @@ def test_unknown_names_list_valid_ones(kwargs, names):
 @pytest.mark.parametrize("angle", [0, 0.0, -10.0, 90.0001, 180.0, float("nan")])
 def test_angle_outside_range(angle):
     with pytest.raises(ValueError, match=r"angle must lie in \(0, 90\]"):
-        frog.ForwardGradient(2, tangents="angle", angle=angle)
+        frog.ForwardGradient(2, sampler="angle", angle=angle)
     with pytest.raises(ValueError, match=r"angle must lie in \(0, 90\]"):
         frog.sample_tangents(2, 5, kind="angle", angle=angle)
 
 
 def test_angle_required_and_only_for_angle():
     with pytest.raises(ValueError, match="needs angle="):
-        frog.ForwardGradient(2, tangents="angle")
-    with pytest.raises(ValueError, match="only used with tangents='angle'"):
-        frog.ForwardGradient(2, tangents="normal", angle=30.0)
+        frog.ForwardGradient(2, sampler="angle")
+    with pytest.raises(ValueError, match="only used with sampler='angle'"):
+        frog.ForwardGradient(2, sampler="normal", angle=30.0)
 
 
 @pytest.mark.parametrize("engine", frog.ENGINES)

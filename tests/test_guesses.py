@@ -171,7 +171,7 @@ def test_bad_guesses_and_missing_targets_get_clear_errors():
         frog.ForwardGradient(2, perturbation="activity", guess=LocalHeads(3)).fill_grad(model, loss_fn, targets=y)
     with pytest.raises(ValueError, match="perturbation='activity'"):
         frog.ForwardGradient(4, per_example=True)
-    with pytest.raises(ValueError, match="tangents='normal' or 'rademacher'"):
+    with pytest.raises(ValueError, match="sampler='normal' or 'rademacher'"):
         frog.ForwardGradient(4, "project", "orthonormal", perturbation="activity", per_example=True)
     with pytest.raises(ValueError, match="GuessSource"):
         frog.ForwardGradient(4, perturbation="activity", guess=lambda *a: None)
@@ -233,7 +233,7 @@ def test_first_token_heads_guess_the_class_token_only():
 
 def test_train_with_guesses_resumes_bit_identically(tmp_path):
     """Heads and their SGD state are in the checkpoint: an interrupted run continues exactly."""
-    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=4, lr=0.1, batch_size=64,
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", num_tangents=4, lr=0.1, batch_size=64,
                          epochs=2, guess="local", per_example_tangents=True, head_lr=0.2)
     straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
     train(TrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "b", progress=False, log=lambda s: None)
@@ -261,4 +261,4 @@ def test_cli_guess_and_per_example_in_true_forward_mode(tmp_path, capsys):
     assert config["config"]["guess"] == "local" and config["config"]["per_example_tangents"]
     assert "backprop's" in config["lr_source"]  # frog's guesses.csv has no fc_w=256 digits row
     assert main(["train", "--gradient", "bp", "--guess", "local", "--out", str(tmp_path / "bp")]) == 2
-    assert "--guess and --per-example-tangents shape activity tangents" in capsys.readouterr().err
+    assert "--gradient bp does not use --guess: drop it" in capsys.readouterr().err

@@ -121,7 +121,7 @@ def dense_tangents(model, k, kind, rank, seed=3, step=0, bases=None, span=()):
 def test_lowrank_estimate_is_the_projection_onto_the_dense_tangents(name, rank, engine):
     model, loss_fn, _ = setup(name)
     g = true_gradient(model, loss_fn)
-    got = estimate(model, loss_fn, tangents="lowrank", rank=rank, engine=engine)
+    got = estimate(model, loss_fn, sampler="lowrank", rank=rank, engine=engine)
     expected = lstsq_projection(dense_tangents(model, 6, "lowrank", rank), g)
     assert rel_err(got, expected) < TOL[engine]
 
@@ -157,7 +157,7 @@ def input_bases(model, x):
 def test_input_span_estimate_is_the_projection_onto_tangents_in_the_input_span(name, engine):
     model, loss_fn, x = setup(name)
     g = true_gradient(model, loss_fn)
-    got = estimate(model, loss_fn, tangents="input-span", rank=1, engine=engine)
+    got = estimate(model, loss_fn, sampler="input-span", rank=1, engine=engine)
     shapes = [p.shape for p in model.parameters()]
     span = [b for b, s in enumerate(shapes) if len(s) >= 2]
     bases = input_bases(model, x)
@@ -178,7 +178,7 @@ def test_enough_lowrank_tangents_give_the_exact_gradient():
     n = sum(p.numel() for p in model.parameters())
     g = true_gradient(model, loss_fn)
     for engine in ("jvp", "sim"):
-        got = estimate(model, loss_fn, num_tangents=n, tangents="lowrank", engine=engine)
+        got = estimate(model, loss_fn, num_tangents=n, sampler="lowrank", engine=engine)
         assert rel_err(got, g) < 1e-8
 
 
@@ -190,9 +190,9 @@ def test_input_span_with_one_sample_gives_the_exact_gradient_of_a_linear_layer()
     loss_fn = lambda m: torch.tanh(m(x)).pow(2).sum()
     g = true_gradient(model, loss_fn)
     for engine in ENGINES:
-        got = estimate(model, loss_fn, num_tangents=8, tangents="input-span", engine=engine)
+        got = estimate(model, loss_fn, num_tangents=8, sampler="input-span", engine=engine)
         assert rel_err(got, g) < TOL[engine]
-    assert rel_err(estimate(model, loss_fn, num_tangents=8, tangents="lowrank"), g) > 0.01  # plain low rank is not
+    assert rel_err(estimate(model, loss_fn, num_tangents=8, sampler="lowrank"), g) > 0.01  # plain low rank is not
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "input-span"])
@@ -205,7 +205,7 @@ def test_length_correction_gives_the_gradient_length_on_average(kind):
     target = torch.randn(4, 32, generator=gen(6), dtype=F64)
     loss_fn = lambda m: (m(x) - target).pow(2).sum()
     g = true_gradient(model, loss_fn)
-    fg = frog.ForwardGradient(8, tangents=kind, seed=0)
+    fg = frog.ForwardGradient(8, sampler=kind, seed=0)
     ratios = []
     for _ in range(200):
         fg.fill_grad(model, loss_fn)
@@ -222,13 +222,13 @@ def test_engines_never_form_dense_weight_tangents(monkeypatch, kind):
 
     monkeypatch.setattr(layouts.LowRank, "dense", forbidden)
     for engine in ENGINES:
-        estimate(model, loss_fn, tangents=kind, engine=engine)
+        estimate(model, loss_fn, sampler=kind, engine=engine)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "input-span"])
 def test_same_seed_same_numbers(kind):
     model, loss_fn, _ = setup("mlp")
-    runs = [estimate(model, loss_fn, tangents=kind, rank=2, engine="jvp") for _ in range(2)]
+    runs = [estimate(model, loss_fn, sampler=kind, rank=2, engine="jvp") for _ in range(2)]
     assert torch.equal(*runs)
 
 
@@ -236,21 +236,21 @@ def test_lowrank_grad_of_a_matrix_and_state_dict_resume():
     a = torch.randn(5, 4, generator=gen(0), dtype=F64)
     fn = lambda x: (torch.tanh(x @ a.T) ** 2).sum()
     x = torch.randn(3, 4, generator=gen(1), dtype=F64)
-    fg = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=4, scale_correction=False)
+    fg = frog.ForwardGradient(5, sampler="lowrank", rank=2, seed=4, scale_correction=False)
     fg.grad(fn, x)
     state = fg.state_dict()
     second = fg.grad(fn, x)
     g = torch.autograd.functional.jacobian(fn, x)
     plan = TangentPlan("lowrank", 5, [x.shape], seed=4, step=1, dtype=F64, rank=2)
     torch.testing.assert_close(second, lstsq_projection(plan.dense(0), g))
-    resumed = frog.ForwardGradient(5, tangents="lowrank", rank=2, seed=0, scale_correction=False)
+    resumed = frog.ForwardGradient(5, sampler="lowrank", rank=2, seed=0, scale_correction=False)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.grad(fn, x), second)
 
 
 def test_input_span_falls_back_to_lowrank_with_one_warning():
     model, loss_fn, _ = setup("tied")
-    fg = frog.ForwardGradient(4, tangents="input-span", seed=0)
+    fg = frog.ForwardGradient(4, sampler="input-span", seed=0)
     with pytest.warns(UserWarning, match=r"embed\.weight.*lowrank") as caught:
         fg.fill_grad(model, loss_fn)
     assert "gate.weight" in str(caught[0].message) and "mix.weight" not in str(caught[0].message)
@@ -261,7 +261,7 @@ def test_input_span_falls_back_to_lowrank_with_one_warning():
 
 def test_weights_used_outside_their_module_are_not_routed():
     model, loss_fn, _ = setup("tied")
-    fg = frog.ForwardGradient(4, tangents="lowrank", seed=0)
+    fg = frog.ForwardGradient(4, sampler="lowrank", seed=0)
     params = dict(model.named_parameters())
     users = fg.weight_users(model, loss_fn, params)
     assert set(users) == {"embed.weight", "mix.weight"}  # tied into head (known) and mix; gate is used by hand
@@ -271,13 +271,13 @@ def test_weights_used_outside_their_module_are_not_routed():
 def test_structured_tangents_bad_input():
     model, loss_fn, _ = setup("mlp")
     with pytest.raises(ValueError, match="rank must be an integer >= 1"):
-        frog.ForwardGradient(4, tangents="lowrank", rank=0)
+        frog.ForwardGradient(4, sampler="lowrank", rank=0)
     with pytest.raises(ValueError, match=r"rank 4 exceeds min\(m, n\) = 3 of 4\.weight"):
-        frog.ForwardGradient(4, tangents="lowrank", rank=4).fill_grad(model, loss_fn)
+        frog.ForwardGradient(4, sampler="lowrank", rank=4).fill_grad(model, loss_fn)
     for kind in ("lowrank", "input-span"):
         with pytest.raises(ValueError, match="perturbation='weight'"):
-            frog.ForwardGradient(4, tangents=kind, perturbation="activity")
-    with pytest.raises(ValueError, match="only used with tangents='lowrank'"):
-        frog.ForwardGradient(4, tangents="normal", rank=2)
+            frog.ForwardGradient(4, sampler=kind, perturbation="activity")
+    with pytest.raises(ValueError, match="only used with sampler='lowrank'"):
+        frog.ForwardGradient(4, sampler="normal", rank=2)
     with pytest.raises(ValueError, match="distributed data mode"):
-        frog.ForwardGradient(4, tangents="input-span", communicator=SimpleNamespace(mode="data"))
+        frog.ForwardGradient(4, sampler="input-span", communicator=SimpleNamespace(mode="data"))

@@ -87,5 +87,5 @@ def test_sample_tangents_structured_errors():
         frog.sample_tangents(3, (4, 4), "lowrank", rank=0)
     with pytest.raises(ValueError, match=r"rank 5 exceeds min\(m, n\) = 4"):
         frog.sample_tangents(3, (4, 6), "lowrank", rank=5)
-    with pytest.raises(ValueError, match="only used with tangents='lowrank'"):
+    with pytest.raises(ValueError, match="only used with sampler='lowrank'"):
         frog.sample_tangents(3, (4, 6), "normal", rank=2)

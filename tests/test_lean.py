@@ -111,7 +111,7 @@ def test_update_equals_fill_grad_and_sgd(engine, tangents, perturbation):
         losses = nn.functional.cross_entropy(m(x), y, reduction="none")
         return losses if perturbation == "activity" else losses.mean()
 
-    options = {"engine": engine, "tangents": tangents, "perturbation": perturbation, "seed": 2}
+    options = {"engine": engine, "sampler": tangents, "perturbation": perturbation, "seed": 2}
     lean = frog.ForwardGradient(4, **options, tangent_budget_mb=1e-4)  # tangents regenerated, never all kept
     loss_a = lean.update(model_a, loss_fn, lr=0.05)
     loss_b = frog.ForwardGradient(4, **{**options, "engine": "jvp"}).fill_grad(model_b, loss_fn)
@@ -127,7 +127,7 @@ def test_capped_streams_give_the_same_jvps():
     x, y = batch()
     estimates = []
     for streams in (None, 3, 1):
-        fg = frog.ForwardGradient(8, tangents="lowrank", perturbation="weight", seed=1, max_streams=streams)
+        fg = frog.ForwardGradient(8, sampler="lowrank", perturbation="weight", seed=1, max_streams=streams)
         fg.fill_grad(model, loss_of(x, y))
         estimates.append(flat(p.grad for p in model.parameters()))
     torch.testing.assert_close(estimates[1], estimates[0])
@@ -172,7 +172,7 @@ def test_frog_train_runs_mezo_and_resumes_bit_identically(tmp_path, capsys):
     from frog.cli import main
     from frog.training.train import TrainConfig, train
 
-    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="mezo", tangents=2, lr=0.01,
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="mezo", num_tangents=2, lr=0.01,
                          batch_size=64, epochs=2)
     straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
     assert int(straight[-1]["steps"]) == 2 * 17  # one call per batch (the digits training split, batch 64)

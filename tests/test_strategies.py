@@ -108,7 +108,7 @@ def test_train_with_each_strategy_resumes_exactly(tmp_path, optimizer):
     """Two epochs straight equal one epoch plus a resumed one (the strategy's state is checkpointed)."""
     from frog.training.train import TrainConfig, train
 
-    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=4, engine="sim",
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", num_tangents=4, engine="sim",
                          epochs=2, optimizer=optimizer, seed=1)
     straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
 

@@ -251,7 +251,7 @@ def test_activity_needs_batch_first_outputs():
 
 
 def test_frog_trains_fc_on_digits_above_chance(tmp_path):
-    config = TrainConfig(model="fc", width=256, dataset="digits", gradient="frog", tangents=16, lr=0.3,
+    config = TrainConfig(model="fc", width=256, dataset="digits", gradient="frog", num_tangents=16, lr=0.3,
                          batch_size=16, epochs=1)
     rows = train(config, tmp_path, progress=False, log=lambda s: None)
     assert len(rows) == 1
@@ -260,7 +260,7 @@ def test_frog_trains_fc_on_digits_above_chance(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    config = TrainConfig(model="fc", width=32, dataset="digits", gradient="fg-mean", tangents=4, lr=0.05,
+    config = TrainConfig(model="fc", width=32, dataset="digits", gradient="fg-mean", num_tangents=4, lr=0.05,
                          batch_size=32, epochs=3)
     straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
     first = TrainConfig(**{**config.__dict__, "epochs": 3})
@@ -344,7 +344,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 def test_weight_perturbation_and_early_stopping(tmp_path):
     # a step size this small makes no progress: validation stalls and patience 1 stops early
-    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", tangents=2,
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", num_tangents=2,
                          perturbation="weight", lr=1e-12, epochs=5, patience=1)
     rows = train(config, tmp_path, progress=False, log=lambda s: None)
     assert len(rows) < 5
@@ -355,7 +355,7 @@ def test_weight_perturbation_and_early_stopping(tmp_path):
 
 
 def test_training_is_deterministic(tmp_path):
-    config = TrainConfig(model="conv", dataset="digits", gradient="frog", tangents=4, lr=0.05, epochs=1)
+    config = TrainConfig(model="conv", dataset="digits", gradient="frog", num_tangents=4, lr=0.05, epochs=1)
     a = train(config, tmp_path / "a", progress=False, log=lambda s: None)
     b = train(config, tmp_path / "b", progress=False, log=lambda s: None)
     assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
@@ -372,7 +372,7 @@ def test_training_is_deterministic(tmp_path):
         (["--engine", "magic"], "unknown engine"),
         (["--lr-schedule", "cosine", "--optimizer", "line-search"], "drop --lr-schedule"),
         (["-k", "0"], ">= 1"),
-        (["--sampler", "lowrank"], "--perturbation weight"),
+        (["--sampler", "lowrank"], "use perturbation='weight'"),
         (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "0"], "rank must be an integer >= 1"),
         (["--sampler", "lowrank", "--perturbation", "weight", "--rank", "20", "--width", "16", "--lr", "0.1"],
          "rank 20 exceeds"),

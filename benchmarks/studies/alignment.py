@@ -35,10 +35,10 @@ from frog.training.models import make_model
 from frog.training.results import CsvLog
 
 METHODS = {  # name: ForwardGradient options
-    "normal": {"tangents": "normal"},
-    "lowrank-1": {"tangents": "lowrank", "rank": 1},
-    "lowrank-4": {"tangents": "lowrank", "rank": 4},
-    "input-span": {"tangents": "input-span", "rank": 1},
+    "normal": {"sampler": "normal"},
+    "lowrank-1": {"sampler": "lowrank", "rank": 1},
+    "lowrank-4": {"sampler": "lowrank", "rank": 4},
+    "input-span": {"sampler": "input-span", "rank": 1},
     "activity": {"perturbation": "activity"},
 }
 COLUMNS = ["width", "state", "method", "k", "pairs", "cosine_mean", "cosine_ci", "norm_ratio_mean", "norm_ratio_ci",

@@ -49,9 +49,8 @@ from _common import print_result
 
 from frog.activity import blocks_of, stacks_opened
 from frog.training.data import Dataset, Split, load_dataset
-from frog.training.methods import estimator_for
 from frog.training.models import make_model
-from frog.training.train import TrainConfig, example_options, train
+from frog.training.train import TrainConfig, build_estimator, train
 
 SETTINGS = {
     **{f"plain-{d}": {"model": "fc", "width": 256, "depth": d} for d in (2, 4, 8, 16)},
@@ -95,7 +94,7 @@ def config_of(setting: str, row: str, lr: float, seed: int, epochs: int, data: D
         config = replace(config, split_stacks=False)  # backprop has no blocks
     if k_rule is not None:
         blocks = num_blocks(config, data)
-        config = replace(config, tangents=blocks if k_rule == "L" else max(16, blocks + 4))
+        config = replace(config, num_tangents=blocks if k_rule == "L" else max(16, blocks + 4))
     return config
 
 
@@ -162,13 +161,13 @@ def study(args: argparse.Namespace, datasets: dict[str, Dataset]) -> list[dict]:
                 lr, seed = key if isinstance(key, tuple) else (key, args.seeds[0])
                 append(all_path, COLUMNS, {
                     "setting": setting, "depth": depth_of(setting), "row": row,
-                    "k": config.tangents if config.gradient not in ("bp", "local") else "", "lr": lr, "seed": seed,
+                    "k": config.num_tangents if config.gradient not in ("bp", "local") else "", "lr": lr, "seed": seed,
                     "epochs": len(result["test_by_epoch"]), "test_accuracy": result["test_by_epoch"][-1],
                     "val_accuracy": result["val"], "test_by_epoch": " ".join(f"{a:.4f}" for a in result["test_by_epoch"]),
                     "seconds_per_epoch": round(result["seconds"], 2), "diverged": result["diverged"]})
             config = results[best_lr][0]
             best = {"setting": setting, "depth": depth_of(setting), "row": row,
-                    "k": config.tangents if config.gradient not in ("bp", "local") else "", "lr": best_lr,
+                    "k": config.num_tangents if config.gradient not in ("bp", "local") else "", "lr": best_lr,
                     "lrs_tried": " ".join(f"{lr:g}" for lr in args.lrs),
                     "val_accuracy_seed0": results[best_lr][1]["val"],
                     "test_accuracy_by_seed": " / ".join(f"{t:.3f}" for t in tests),
@@ -230,7 +229,7 @@ def timing(args: argparse.Namespace, datasets: dict[str, Dataset]) -> list[dict]
             config = replace(config_of(setting, row, 0.01, 0, 1, data, args.dataset), engine="jvp")
             seconds = step_seconds(config, data, args.timing_steps)
             base_seconds = seconds if row == "bp" else base_seconds
-            result = {"setting": setting, "row": row, "k": config.tangents if config.gradient not in ("bp", "local")
+            result = {"setting": setting, "row": row, "k": config.num_tangents if config.gradient not in ("bp", "local")
                       else "", "ms_per_step": round(1e3 * seconds, 2),
                       "seconds_per_epoch": round(seconds * steps_per_epoch, 1),
                       "over_backprop": round(seconds / base_seconds, 2) if base_seconds else ""}
@@ -250,9 +249,7 @@ def step_seconds(config: TrainConfig, data: Dataset, steps: int) -> float:
     torch.manual_seed(0)
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width, depth=config.depth)
     blocks = stacks_opened(model) if config.split_stacks and config.gradient != "bp" else None
-    estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=0,
-                              perturbation=config.perturbation, scale_correction=False, blocks=blocks,
-                              **example_options(config, data.num_classes))
+    estimator = build_estimator(config, data.num_classes, blocks)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     times = []
     for i in range(steps + 3):

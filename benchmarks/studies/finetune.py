@@ -16,7 +16,7 @@ method             FP a step   step
 bp                 3           forward + backward (2); SGD on p.grad
 bp-checkpoint      4           every block under torch.utils.checkpoint: its forward again
 mezo               2           frog.MeZO(eps=1e-3).update: two perturbed forwards, in place
-frog-jvp k         1 + k       ForwardGradient(k, tangents="lowrank", engine="jvp").update: the
+frog-jvp k         1 + k       ForwardGradient(k, sampler="lowrank", engine="jvp").update: the
                                primal once, k tangent streams (each as many products as a forward)
 frog-loop k        2 k         the same with engine="loop": primal and one stream per tangent
 frog-activity k    4 + k       activity perturbation with guesses (frog.LocalHeads): a plain
@@ -166,7 +166,7 @@ def stepper(method: str, k: int, lr: float, model: GPT, vocab: int):
         token_losses = lambda x, y: lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none")
         return lambda x, y: fg.update(model, token_losses(x, y), lr, targets=y)
     engine = {"frog-jvp": "jvp", "frog-loop": "loop"}[method]
-    fg = frog.ForwardGradient(k, tangents="lowrank", engine=engine, perturbation="weight", seed=0)
+    fg = frog.ForwardGradient(k, sampler="lowrank", engine=engine, perturbation="weight", seed=0)
     return lambda x, y: fg.update(model, mean_loss(x, y), lr)
 
 

@@ -72,7 +72,7 @@ def main() -> None:
     quiet = {"progress": False, "log": lambda s: None, "data": data}
     for width in args.widths:
         for method in args.methods:
-            base = {"model": "fc", "width": width, "dataset": "fashion-mnist", "tangents": 16, "seed": 0, **METHODS[method]}
+            base = {"model": "fc", "width": width, "dataset": "fashion-mnist", "num_tangents": 16, "seed": 0, **METHODS[method]}
             losses = {}
             for lr in args.grid:
                 done = {float(r["lr"]): r for r in sweep.rows if (r["width"], r["method"]) == (str(width), method)}

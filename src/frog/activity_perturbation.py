@@ -23,7 +23,7 @@ from torch import nn
 from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch, shared_features
 from .distributed import Communicator
 from .engines import RngReplay
-from .example_tangents import MaskCheck, check_example_kind, checked_guesses, example_plan
+from .example_tangents import Guesses, MaskCheck, check_example_kind, checked_guesses, example_plan
 from .forward_mode.batchnorm import frozen_running_stats
 from .guesses import GuessSource
 from .interface import PER_SAMPLE, LossFn, per_sample_losses
@@ -43,17 +43,30 @@ class ActivityPerturbation:
             block's parameters), guesses included; default: on with ``per_example`` or ``guess``.
         guess: a :class:`frog.guesses.GuessSource`: its per-example guesses of the block outputs' gradients
             become the first L of the k tangents (pass the batch's targets to ``fill_grad``).
+        block_local: each random tangent lives in one block (random row j in block j mod L, zero in the
+            others), so that its jvp measures that block's gradient alone and the noise of the large
+            gradients of some blocks does not leak into the others.
+        local_weight: alpha of the hybrid objective L + alpha sum_b L_b (deep supervision): every hidden
+            block's output-gradient estimate gains alpha times its (first) guess used as it is, the exact
+            gradient of its local loss for :class:`frog.LocalHeads` (as :class:`frog.LocalLearning` uses
+            it), beside frog's estimate of the global gradient. 0: frog alone.
     """
 
     name = "activity"
     loss_contract = PER_SAMPLE
 
     def __init__(self, blocks: Sequence[nn.Module] | None = None, *, per_example: bool = False,
-                 relu_mask: bool | None = None, guess: GuessSource | None = None) -> None:
+                 relu_mask: bool | None = None, guess: GuessSource | None = None, block_local: bool = False,
+                 local_weight: float = 0.0) -> None:
         if guess is not None and not isinstance(guess, GuessSource):
             raise ValueError(f"guess must be a frog.guesses.GuessSource (e.g. LocalHeads(num_classes)), got "
                              f"{type(guess).__name__}")
+        if isinstance(local_weight, bool) or not isinstance(local_weight, (int, float)) or not local_weight >= 0:
+            raise ValueError(f"local_weight must be a number >= 0, got {local_weight!r}")
+        if local_weight and guess is None:
+            raise ValueError("local_weight adds the guesses used as they are: give a guess source (guess=...)")
         self.blocks, self.guess = blocks, guess
+        self.block_local, self.local_weight = bool(block_local), float(local_weight)
         self.per_example = bool(per_example)
         self.relu_mask = bool(per_example or guess is not None) if relu_mask is None else bool(relu_mask)
         self._mask_check = MaskCheck()  # a cache: which blocks' zero outputs are inactive units
@@ -61,8 +74,9 @@ class ActivityPerturbation:
 
     @property
     def shapes_rows(self) -> bool:
-        """Whether the rows are shaped per step (per example, masked or guessed), not drawn as plain samples."""
-        return self.per_example or self.relu_mask or self.guess is not None
+        """Whether the rows are shaped per step (per example, masked, guessed or block-local), not drawn as
+        plain samples."""
+        return self.per_example or self.relu_mask or self.guess is not None or self.block_local
 
     def check(self, sampler: str, normalize: bool, communicator: Communicator | None) -> None:
         """ValueError for settings these tangents cannot take (per-example rows are i.i.d., one process)."""
@@ -87,7 +101,7 @@ class ActivityPerturbation:
         with local_graphs(blocks, wants_inputs, labels, names) as (inputs, outputs):
             losses = per_sample_losses(loss_fn(model))  # the one plain pass: running statistics update here
         shared = _checked_outputs(losses, outputs, labels, names)
-        plan = self._plan(solver, blocks, outputs, shared, losses, targets, labels, inputs)
+        plan, guesses = self._plan(solver, blocks, outputs, shared, losses, targets, labels, inputs)
         if chained:
             rows = communicator.rows(solver.tangents.num_tangents) if communicator else None
             coeffs = solver.coefficients(plan, losses, solver.engine.chained(losses, inputs, outputs, plan, rows),
@@ -96,7 +110,9 @@ class ActivityPerturbation:
             replay.reset()
             coeffs = self._forward_mode(solver, model, loss_fn, blocks, outputs, losses.shape[0], plan, communicator)
         scale = 1.0 / losses.shape[0]  # the loss is the mean of the per-sample losses
-        estimates = _block_products(plan, coeffs * scale, outputs, shared, params)
+        direct = [given[0] * (self.local_weight * scale) if given and self.local_weight and b < len(outputs) - 1
+                  else None for b, given in enumerate(guesses)]
+        estimates = _block_products(plan, coeffs * scale, outputs, shared, params, direct)
         if communicator is not None and communicator.mode == "data":
             estimates = {name: communicator.all_reduce_mean(g) for name, g in estimates.items()}
         return losses.detach().mean(), iter(estimates.items())
@@ -124,27 +140,31 @@ class ActivityPerturbation:
         return coeffs
 
     def _plan(self, solver: Solver, blocks: Sequence[nn.Module], outputs: list[torch.Tensor], shared: list[bool],
-              losses: torch.Tensor, targets: Any, labels: list[str], inputs: list[torch.Tensor]) -> TangentPlan:
-        """The step's activity tangents: the plan of one shared row set (the paper), or per-example rows,
-        masked at inactive ReLU units, with the guess source's guesses first (:mod:`frog.example_tangents`)."""
+              losses: torch.Tensor, targets: Any, labels: list[str], inputs: list[torch.Tensor]
+              ) -> tuple[TangentPlan, Guesses]:
+        """The step's activity tangents and the guesses among them: the plan of one shared row set (the
+        paper), or per-example rows, masked at inactive ReLU units, with the guess source's guesses first
+        (:mod:`frog.example_tangents`)."""
         features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
+        guesses: Guesses = [[] for _ in outputs]
         if not self.shapes_rows:
-            return solver.plan(features, outputs[0])
-        guesses: list[torch.Tensor | None] = [None] * len(outputs)
+            return solver.plan(features, outputs[0]), guesses
         if self.guess is not None:
             extra = {"inputs": inputs} if self.guess.needs_inputs else {}
             guesses = checked_guesses(self.guess.guesses(outputs, targets, losses, **extra), outputs, shared, labels)
         masks = [self._mask_check.mask(block, h) if self.relu_mask and not s else None
                  for block, h, s in zip(blocks, outputs, shared, strict=True)]
         k = solver.tangents.num_tangents
-        drawn = k - sum(g is not None for g in guesses)
+        drawn = k - sum(len(given) for given in guesses)
         random = None
         if drawn > 0:  # the random rows: this step's seed, as any plan
             batch = losses.shape[0]
             shapes = [f if s or not self.per_example else torch.Size((batch, *f)) for f, s in zip(features, shared, strict=True)]
             random = solver.random_rows(drawn, shapes, outputs[0])
-        return example_plan(random, k, features, outputs, shared, per_example=self.per_example, masks=masks,
-                            guesses=guesses, track_gram=solver.aggregator.method == "project")
+        plan = example_plan(random, k, features, outputs, shared, per_example=self.per_example, masks=masks,
+                            guesses=guesses, track_gram=solver.aggregator.method == "project",
+                            block_local=self.block_local)
+        return plan, guesses
 
     def _warn_coupled_samples(self, model: nn.Module, ran: Sequence[nn.Module], engine: str) -> None:
         """Warn once that forward-mode activity estimates through batch-statistics BatchNorm (of the model,
@@ -183,12 +203,15 @@ def _checked_outputs(losses: torch.Tensor, outputs: list[torch.Tensor], labels: 
 
 
 def _block_products(plan: TangentPlan, coeffs: torch.Tensor, outputs: list[torch.Tensor], shared: list[bool],
-                    params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+                    params: dict[str, nn.Parameter], direct: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
     """Every parameter's estimate: the block outputs' estimates V_b^T c (B, *features) (summed over the batch
-    for a shared output), taken back to the parameters by one call of autograd on the block-local graphs."""
+    for a shared output), plus ``direct[b]`` where given (the hybrid's local part), taken back to the
+    parameters by one call of autograd on the block-local graphs."""
     output_grads = []
     for b, h in enumerate(outputs):
         grad = plan.estimate(b, coeffs).movedim(-1, 0).to(h.dtype)  # (B, *features)
+        if direct[b] is not None:
+            grad = grad + direct[b].to(h.dtype)  # type: ignore[union-attr]
         output_grads.append(grad.sum(0).reshape(h.shape) if shared[b] else grad)
     names = list(params)
     grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)

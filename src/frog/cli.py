@@ -137,7 +137,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     """Options of ``frog train``; under ``frog tune`` width, gradient and k take several values and
     the step-size, resume and distributed options are left out."""
-    from .training.train import TRAIN_SAMPLERS, TrainConfig
+    from .training.train import GUESSES, TRAIN_SAMPLERS, TrainConfig
 
     d = TrainConfig()
     several: dict[str, Any] = {"nargs": "+"} if tune else {}
@@ -153,7 +153,7 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--gradient", default=[d.gradient] if tune else d.gradient, help=f"of {', '.join(METHOD_NAMES)}",
                    **several)
-    p.add_argument("--tangents", "-k", type=int, default=[d.tangents] if tune else d.tangents, **several)
+    p.add_argument("--tangents", "-k", type=int, default=[d.num_tangents] if tune else d.num_tangents, **several)
     p.add_argument("--engine", default=d.engine, help="jvp (true forward mode), loop, sim (same numbers by autograd, except with BatchNorm in "
                    "train mode under activity perturbation) or fd")
     p.add_argument("--perturbation", default=d.perturbation, help="activity (as the paper) or weight")
@@ -162,12 +162,18 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                         "lowrank (U V^T / sqrt(rank) per weight matrix) and input-span (right factors in the span "
                         "of each layer's inputs)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of lowrank / input-span tangents")
-    p.add_argument("--guess", default=None, choices=["local", "topdown"],
+    p.add_argument("--guess", default=None, choices=list(GUESSES),
                    help="guessed tangents (activity): the first L of the k tangents are per-example guesses of the "
                         "block outputs' gradients: local, from a small auxiliary head per hidden block and the loss's "
                         "own gradient at the last (default lr: backprop's); topdown, the gradient at the last block's "
-                        "input for every block of that shape (a residual stream), heads elsewhere. With --gradient "
-                        "local: the guesses used directly as the blocks' gradients (default: local)")
+                        "input for every block of that shape (a residual stream), heads elsewhere; topdown+local, "
+                        "both on the stream's blocks. With --gradient local: the guesses used directly as the "
+                        "blocks' gradients (default: local)")
+    p.add_argument("--block-local-tangents", action="store_true",
+                   help="activity perturbation: each random tangent lives in one block (row j in block j mod L)")
+    p.add_argument("--local-weight", type=float, default=d.local_weight,
+                   help="with --guess: the hybrid objective L + alpha sum_b L_b; every hidden block's estimate gains "
+                        "alpha times its guess used as it is (its local loss's gradient for local heads)")
     p.add_argument("--per-example-tangents", action="store_true",
                    help="independent random activity tangents per example, zero at inactive ReLU units")
     p.add_argument("--head-lr", type=float, default=d.head_lr,
@@ -218,11 +224,12 @@ def _train(args: argparse.Namespace) -> None:
     config = TrainConfig(
         model=args.model, width=args.width, depth=args.depth, split_stacks=args.split_stacks, dataset=args.dataset,
         data_dir=args.data_dir, gradient=args.gradient,
-        tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, sampler=args.sampler,
+        num_tangents=args.tangents, engine=args.engine, perturbation=args.perturbation, sampler=args.sampler,
         rank=args.rank, lr=args.lr,
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
         lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents,
+        block_local=args.block_local_tangents, local_weight=args.local_weight,
         head_lr=args.head_lr, head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps,
     )
     communicator = None
@@ -293,6 +300,7 @@ def _tune(args: argparse.Namespace) -> None:
                        tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer,
                        lr_schedule=args.lr_schedule, guess=args.guess,
                        per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
+                       block_local=args.block_local_tangents, local_weight=args.local_weight,
                        head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
     out = prepare_out_dir(args.out)

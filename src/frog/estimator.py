@@ -127,11 +127,11 @@ class ForwardGradient(GradientEstimator):
     def strategy_checks(self, sampler: str, normalize: bool, communicator: Communicator | None) -> None:
         """ValueError for combinations the strategy cannot take."""
         if sampler in STRUCTURED and isinstance(self.strategy, ActivityPerturbation):
-            raise ValueError(f"tangents={sampler!r} structures weight tangents, but perturbation='activity' "
-                             "perturbs block outputs: use perturbation='weight' (or tangents='normal')")
+            raise ValueError(f"sampler={sampler!r} structures weight tangents, but perturbation='activity' "
+                             "perturbs block outputs: use perturbation='weight' (or sampler='normal')")
         if sampler == "input-span" and communicator is not None and communicator.mode == "data":
             raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
-                             "distributed data mode: use the tangent mode (--distributed tangent) or tangents='lowrank'")
+                             "distributed data mode: use the tangent mode (--distributed tangent) or sampler='lowrank'")
         if isinstance(self.strategy, ActivityPerturbation):
             self.strategy.check(sampler, normalize, communicator)
 

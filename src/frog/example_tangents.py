@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,27 +60,33 @@ class MaskCheck:
 def check_example_kind(kind: str, normalize: bool) -> None:
     """ValueError unless per-example rows can use the sampler ``kind`` (i.i.d. entries, no mixing)."""
     if kind not in EXAMPLE_KINDS or normalize:
-        raise ValueError(f"per-example activity tangents and guesses draw i.i.d. rows: use tangents='normal' or "
+        raise ValueError(f"per-example activity tangents and guesses draw i.i.d. rows: use sampler='normal' or "
                          f"'rademacher' without normalize, not {kind!r}" + (" with normalize" if normalize else ""))
 
 
-def checked_guesses(guesses: Sequence[torch.Tensor | None], outputs: Sequence[torch.Tensor], shared: Sequence[bool],
-                    labels: Sequence[str]) -> list[torch.Tensor | None]:
-    """The guesses, one per block, each None or shaped like its block's per-sample output; else a
-    ValueError that names the block and both shapes."""
+Guesses = list[list[torch.Tensor]]  # per block, its guesses (B, *features_b): none, one, or several
+
+
+def checked_guesses(guesses: Sequence[Any], outputs: Sequence[torch.Tensor], shared: Sequence[bool],
+                    labels: Sequence[str]) -> Guesses:
+    """A guess source's answer as a list of guesses per block (an entry None: none; a tensor: one; a tuple
+    or list of tensors: several), each shaped like its block's per-sample output; else a ValueError that
+    names the block and both shapes."""
     guesses = list(guesses)
     if len(guesses) != len(outputs):
         raise ValueError(f"a guess source must return one entry per block ({len(outputs)}), got {len(guesses)}")
-    for guess, h, s, label in zip(guesses, outputs, shared, labels, strict=True):
-        if guess is None:
-            continue
-        if s:
+    checked: Guesses = []
+    for entry, h, s, label in zip(guesses, outputs, shared, labels, strict=True):
+        given = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
+        if given and s:
             raise ValueError(f"{label} has an output shared by the batch {tuple(h.shape)}: it takes no per-example "
                              "guess; return None for it")
-        if not isinstance(guess, torch.Tensor) or guess.shape != h.shape:
-            got = tuple(guess.shape) if isinstance(guess, torch.Tensor) else type(guess).__name__
-            raise ValueError(f"the guess for {label} must have the shape of its output {tuple(h.shape)}, got {got}")
-    return guesses
+        for guess in given:
+            if not isinstance(guess, torch.Tensor) or guess.shape != h.shape:
+                got = tuple(guess.shape) if isinstance(guess, torch.Tensor) else type(guess).__name__
+                raise ValueError(f"the guess for {label} must have the shape of its output {tuple(h.shape)}, got {got}")
+        checked.append(given)
+    return checked
 
 
 def example_plan(
@@ -91,25 +98,30 @@ def example_plan(
     *,
     per_example: bool,
     masks: Sequence[torch.Tensor | None],
-    guesses: Sequence[torch.Tensor | None],
+    guesses: Guesses,
     track_gram: bool = True,
+    block_local: bool = False,
 ) -> TangentPlan:
     """The plan of k activity tangents with guesses first, then random rows (module docstring).
 
     Args:
-        random: a plan of the k - L random rows, drawn for the blocks' ``features`` (shared rows) or
-            for (B, *features) (``per_example``); None when the L guesses fill all k tangents.
+        random: a plan of the k - G random rows, drawn for the blocks' ``features`` (shared rows) or
+            for (B, *features) (``per_example``); None when the G guesses fill all k tangents.
         num_tangents: k.
         outputs: the block outputs (B, *features_b) (or shared, without the batch).
         shared: which outputs have no batch dimension.
         masks: per block None or (B, *features_b), multiplied into the random rows.
-        guesses: per block None or a guess (B, *features_b) (:func:`checked_guesses`).
+        guesses: per block its guesses (B, *features_b) (:func:`checked_guesses`): one row each, in block
+            order, normalized per example, in its block and zero in the others.
         track_gram: whether the plan forms its Gram matrix as the blocks are given (projection).
+        block_local: random row j lives in block j mod L only (zero in the others), so that its jvp
+            measures that block's gradient alone.
     """
-    guessed = [b for b, g in enumerate(guesses) if g is not None]
-    k, first = num_tangents, len(guessed)
+    slots = [(b, guess) for b, given in enumerate(guesses) for guess in given]
+    k, first = num_tangents, len(slots)
     if first > k:
-        raise ValueError(f"{first} blocks are guessed, one tangent each, but k = {k}: use at least {first} tangents")
+        raise ValueError(f"the guess source gives {first} guesses, one tangent each, but k = {k}: use at least "
+                         f"{first} tangents")
     batch = next(h.shape[0] for h, s in zip(outputs, shared, strict=True) if not s)
     layouts: list[Layout] = [Dense(f) if s else PerExample(f, batch) for f, s in zip(features, shared, strict=True)]
     like = outputs[0]
@@ -118,17 +130,21 @@ def example_plan(
                        cache=True, track_gram=track_gram, layouts=layouts)
     for b, layout in enumerate(layouts):
         rows = torch.zeros(k, *layout.stored, device=like.device, dtype=like.dtype)
-        if random is not None:  # shared (k - L, *f), or (k - L, B, *f) per example
+        if random is not None:  # shared (k - G, *f), or (k - G, B, *f) per example
             drawn = random.block(b)
             rows[first:] = drawn if per_example or not isinstance(layout, PerExample) else drawn.unsqueeze(1)
+            if block_local:
+                elsewhere = [first + j for j in range(k - first) if j % len(layouts) != b]
+                rows[elsewhere] = 0
         if isinstance(layout, PerExample):
-            mask, given = masks[b], guesses[b]
-            if given is not None:  # b in guessed
-                guess = given.detach().to(rows.dtype)
-                if mask is not None:
-                    guess = guess * mask
-                norms = guess.flatten(1).norm(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
-                rows[guessed.index(b)] = guess / norms.reshape(-1, *[1] * (guess.dim() - 1))
+            mask = masks[b]
+            for slot, (owner, given) in enumerate(slots):
+                if owner == b:
+                    guess = given.detach().to(rows.dtype)
+                    if mask is not None:
+                        guess = guess * mask
+                    norms = guess.flatten(1).norm(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
+                    rows[slot] = guess / norms.reshape(-1, *[1] * (guess.dim() - 1))
             if mask is not None:
                 rows[first:] *= mask
         plan.give(b, rows)

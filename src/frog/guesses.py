@@ -27,6 +27,8 @@ from torch import nn
 
 from .tangents import derive_seed
 
+# one block's guesses: none, one (B, *features), or several (one tangent each)
+GuessEntry = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None
 HEAD_TOKENS = ("mean", "first")  # what a head of a token block reads: the mean over tokens or the first token
 
 
@@ -53,9 +55,9 @@ class GuessSource(ABC):
 
     @abstractmethod
     def guesses(self, outputs: Sequence[torch.Tensor], targets: Any, losses: torch.Tensor,
-                **kwargs: Any) -> list[torch.Tensor | None]:
-        """One entry per block: a guess (B, *features_b) shaped like the block's output h_b, or None for
-        no guess in that block.
+                **kwargs: Any) -> list[GuessEntry]:
+        """One entry per block: a guess (B, *features_b) shaped like the block's output h_b, a tuple of
+        several (one tangent each), or None for no guess in that block.
 
         Args:
             outputs: the block outputs h_b of this step's plain pass, (B, *features_b); each has an
@@ -332,3 +334,37 @@ class TopDown(GuessSource):
             self.fallback.load_state_dict(state)
         else:
             super().load_state_dict(state)
+
+
+class Combined(GuessSource):
+    """Several guesses per block: each source's guess of a block, one tangent each (a guess equal to one
+    already given is dropped). frog's projection then takes, per example, the best combination of them:
+    the true gradient's projection onto their span. :class:`frog.LocalLearning` uses a block's first
+    guess only.
+
+    Example::
+
+        guess = Combined(TopDown(), LocalHeads(10))   # stream blocks: top-down and head guesses
+    """
+
+    def __init__(self, *sources: GuessSource) -> None:
+        if not sources or not all(isinstance(s, GuessSource) for s in sources):
+            raise ValueError("Combined takes one or more guess sources, e.g. Combined(TopDown(), LocalHeads(10))")
+        self.sources = sources
+        self.needs_inputs = any(s.needs_inputs for s in sources)
+
+    def guesses(self, outputs, targets, losses, **kwargs):
+        per_block: list[list[torch.Tensor]] = [[] for _ in outputs]
+        for source in self.sources:
+            extra = kwargs if source.needs_inputs else {}
+            for given, entry in zip(per_block, source.guesses(outputs, targets, losses, **extra), strict=True):
+                new = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
+                given.extend(g for g in new if not any(g is old or torch.equal(g, old) for old in given))
+        return [tuple(given) if given else None for given in per_block]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): source.state_dict() for i, source in enumerate(self.sources)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, source in enumerate(self.sources):
+            source.load_state_dict(state.get(str(i), {}))

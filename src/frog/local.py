@@ -186,14 +186,14 @@ def _after_pass(guess: GuessSource, model: nn.Module, loss_fn: LossFn, blocks: S
     batch = losses.shape[0]
     shared = [shared_by_batch(h, batch) for h in outputs]
     extra = {"inputs": inputs} if guess.needs_inputs else {}
-    rows = checked_guesses(guess.guesses(outputs, targets, losses, **extra), outputs, shared, labels)
+    given = checked_guesses(guess.guesses(outputs, targets, losses, **extra), outputs, shared, labels)
+    rows = [block[0] if block else None for block in given]  # a block's first guess, as it is
     rows[-1] = output_gradient(losses, outputs[-1])  # the last block: the true loss
-    chosen = [b for b, row in enumerate(rows) if row is not None and outputs[b].requires_grad]
+    chosen = [(outputs[b], row.to(outputs[b].dtype) / batch) for b, row in enumerate(rows)
+              if row is not None and outputs[b].requires_grad]
     grads: dict[str, torch.Tensor] = {}
     if chosen:
         ordered = list(params.values())
-        found = torch.autograd.grad([outputs[b] for b in chosen], ordered,
-                                    [rows[b].to(outputs[b].dtype) / batch for b in chosen],  # type: ignore[union-attr]
-                                    allow_unused=True)
+        found = torch.autograd.grad([h for h, _ in chosen], ordered, [g for _, g in chosen], allow_unused=True)
         _accumulate(grads, names, ordered, found)
     return losses, grads

@@ -40,11 +40,11 @@ def check_kind(kind: str, angle: float | None = None) -> None:
         raise ValueError(f"unknown tangent sampler {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "angle":
         if angle is None:
-            raise ValueError("tangents='angle' needs angle= (degrees, in (0, 90])")
+            raise ValueError("sampler='angle' needs angle= (degrees, in (0, 90])")
         if not 0.0 < float(angle) <= 90.0:
             raise ValueError(f"angle must lie in (0, 90] degrees, got {angle}")
     elif angle is not None:
-        raise ValueError(f"angle= is only used with tangents='angle', not {kind!r}")
+        raise ValueError(f"angle= is only used with sampler='angle', not {kind!r}")
 
 
 def check_rank(kind: str, rank: int, shapes: Sequence[torch.Size], names: Sequence[str] | None = None) -> None:
@@ -54,7 +54,7 @@ def check_rank(kind: str, rank: int, shapes: Sequence[torch.Size], names: Sequen
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if kind not in STRUCTURED:
         if rank != 1:
-            raise ValueError(f"rank= is only used with tangents='lowrank' or 'input-span', not {kind!r}")
+            raise ValueError(f"rank= is only used with sampler='lowrank' or 'input-span', not {kind!r}")
         return
     for b, shape in enumerate(shapes):
         if len(shape) >= 2 and rank > min(matrix_shape(shape)):
@@ -85,10 +85,10 @@ def check_size(kind: str, k: int, n: int) -> None:
     if kind in ("basis", "orthonormal") and k > n:
         raise ValueError(
             f"tangents={kind!r} gives at most n = {n} tangents, but {k} were asked for; "
-            "use fewer tangents or tangents='normal'"
+            "use fewer tangents or sampler='normal'"
         )
     if kind == "angle" and k > 1 and n < 2:
-        raise ValueError("tangents='angle' needs dimension n >= 2 for more than one tangent")
+        raise ValueError("sampler='angle' needs dimension n >= 2 for more than one tangent")
 
 
 def mean_squared_norm(kind: str, normalize: bool, n: int) -> float:
@@ -243,8 +243,8 @@ def sample_tangents(
         raise ValueError("input-span tangents are drawn inside the span of a layer's inputs while the layer "
                          "runs: use ForwardGradient(sampler='input-span').fill_grad(model, loss_fn)")
     if kind == "lowrank" and len(shape) < 2:
-        raise ValueError(f"tangents='lowrank' needs a shape of 2 or more dimensions (a matrix), got {tuple(shape)}; "
-                         "a vector has no low-rank structure: use tangents='normal'")
+        raise ValueError(f"sampler='lowrank' needs a shape of 2 or more dimensions (a matrix), got {tuple(shape)}; "
+                         "a vector has no low-rank structure: use sampler='normal'")
     check_rank(kind, rank, [shape])
     layout = make_layouts(kind, [shape], rank)[0]
     if generator is not None and device is None:

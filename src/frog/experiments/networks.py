@@ -57,7 +57,7 @@ def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = prin
                     name = runs.folder(dataset, width, method, k, seed)
                     log(f"training {name}")
                     config = TrainConfig(model=runs.model, dataset=dataset, data_dir=runs.data_dir,
-                                         gradient=method, tangents=k or 1, engine=runs.engine,
+                                         gradient=method, num_tangents=k or 1, engine=runs.engine,
                                          epochs=runs.epochs, seed=seed, width=width or TrainConfig.width)
                     rows = train(config, out / name, resume=True, progress=False, log=lambda s: None, data=data)
                     best = max(rows, key=lambda r: float(r["val_accuracy"]))

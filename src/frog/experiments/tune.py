@@ -395,7 +395,7 @@ def train_settings(base: TrainConfig, widths: Sequence[int], methods: Sequence[s
     for width in widths:
         for method in methods:
             for k in [None] if method == "bp" else tangents:
-                config = replace(base, width=width, gradient=method, tangents=k or 1, lr=None, lr_table=None)
+                config = replace(base, width=width, gradient=method, num_tangents=k or 1, lr=None, lr_table=None)
                 config.check()
                 try:
                     table = partial(variant_lr, variant=config.variant) if config.variant else network_lr

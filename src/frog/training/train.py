@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,15 @@ from torch import nn
 from tqdm import tqdm
 
 from ..activity import stacks_opened
+from ..activity_perturbation import ActivityPerturbation
+from ..checks import check_choice, check_int, check_positive
 from ..distributed import Communicator
-from ..engines import DEFAULT_TANGENT_BUDGET_MB, ENGINES, budget_bytes
+from ..engines import DEFAULT_TANGENT_BUDGET_MB
 from ..errors import CheckpointError, NonFiniteError
-from ..estimator import PERTURBATIONS
-from ..example_tangents import EXAMPLE_KINDS
-from ..guesses import HEAD_TOKENS, GuessSource, LocalHeads, TopDown
+from ..guesses import Combined, GuessSource, LocalHeads, TopDown
 from ..interface import PER_SAMPLE, GradientEstimator
+from ..local import LocalLearning
+from ..mezo import MeZO
 from ..tangents import STRUCTURED, check_rank, derive_seed
 from . import checkpoints
 from .data import DATASETS, Dataset, Split, batches, load_dataset
@@ -55,8 +57,10 @@ METRICS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", 
 RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, not the numbers
 TRAIN_SAMPLERS = ("normal", "rademacher", *STRUCTURED)
 # local: LocalHeads, auxiliary heads on hidden blocks and the loss's own gradient on the last; topdown: TopDown,
-# the gradient at the last block's input for the blocks of that shape (a residual stream), heads elsewhere
-GUESSES = ("local", "topdown")
+# the gradient at the last block's input for the blocks of that shape (a residual stream), heads elsewhere;
+# topdown+local: both guesses on the stream's blocks (Combined), heads elsewhere
+GUESSES = ("local", "topdown", "topdown+local")
+RENAMED = {"tangents": "num_tangents"}  # config.json keys of older frog versions
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     gradient: str = "frog"
-    tangents: int = 16
+    num_tangents: int = 16
     engine: str = "jvp"
     perturbation: str = "activity"
     sampler: str = "normal"
@@ -87,6 +91,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     guess: str | None = None
     per_example_tangents: bool = False
+    block_local: bool = False
+    local_weight: float = 0.0
     head_lr: float = 0.1
     head_channels: int = 0
     head_tokens: str = "mean"
@@ -97,81 +103,90 @@ class TrainConfig:
         """The activity tangents beyond the paper's ("guess", "per-example", "guess+per-example"), or ""."""
         return "+".join(name for name, on in (("guess", self.guess), ("per-example", self.per_example_tangents)) if on)
 
+    @property
+    def shapes_activity_tangents(self) -> bool:
+        """Whether a setting beyond the paper's shapes the activity tangents (guesses, per example, ...)."""
+        return bool(self.variant or self.block_local or self.local_weight)
+
     def check(self) -> None:
-        """ValueError for any setting that cannot work, naming it."""
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        """ValueError for any setting that cannot work, naming it. The estimator's own settings are checked
+        by building it (its constructor's checks); what is left are the run's settings and the combinations
+        that an estimator would silently ignore."""
+        check_choice("model", self.model, MODELS)
+        check_choice("dataset", self.dataset, DATASETS)
         check_method_name(self.gradient)
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.perturbation not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of {', '.join(PERTURBATIONS)}")
-        if self.sampler not in TRAIN_SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(TRAIN_SAMPLERS)}")
-        check_rank(self.sampler, self.rank, ())
-        if self.sampler in STRUCTURED and self.perturbation != "weight":
-            raise ValueError(f"--sampler {self.sampler} structures weight tangents: add --perturbation weight")
-        for name in ("tangents", "epochs", "width", "depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        budget_bytes(self.tangent_budget_mb)  # ValueError unless > 0
+        check_choice("sampler", self.sampler, TRAIN_SAMPLERS)
+        if self.guess is not None:
+            check_choice("guess", self.guess, GUESSES)
+        for name in ("epochs", "width", "depth", "patience"):
+            check_int(name, getattr(self, name), 1)
+        check_int("batch size", self.batch_size, 1, optional=True)
         check_strategy(self.optimizer)
         check_lr_schedule(self.lr_schedule)
         if self.lr_schedule != "constant" and self.optimizer == "line-search":
             raise ValueError("--optimizer line-search picks its own step sizes: drop --lr-schedule")
-        if self.guess is not None and self.guess not in GUESSES:
-            raise ValueError(f"unknown guess {self.guess!r}; choose one of {', '.join(GUESSES)}")
-        if self.gradient == "local" and (self.perturbation != "activity" or self.per_example_tangents
-                                         or self.sampler != "normal"):
-            raise ValueError("--gradient local trains each block by its head's loss and draws no tangents: drop "
-                             "--perturbation weight, --per-example-tangents and --sampler")
-        if self.split_stacks and (self.gradient == "bp" or self.perturbation != "activity"):
-            raise ValueError("--split-stacks chooses the blocks of activity perturbation and local learning: use "
-                             "--gradient local or a forward gradient with --perturbation activity")
-        if (self.guess is not None or self.per_example_tangents) and (
-                self.gradient == "bp" or self.perturbation != "activity" or self.sampler not in EXAMPLE_KINDS):
-            raise ValueError("--guess and --per-example-tangents shape activity tangents: use a forward-gradient "
-                             "--gradient with --perturbation activity and --sampler normal or rademacher")
-        if self.gradient == "mezo" and (self.sampler != "normal" or self.variant):
-            raise ValueError("--gradient mezo draws its own N(0, 1) directions: drop --sampler, --guess and "
-                             "--per-example-tangents (-k sets its directions per step)")
+        ignored = {
+            "bp": ["--guess", "--per-example-tangents", "--split-stacks", "--block-local-tangents", "--local-weight"],
+            "mezo": ["--sampler", "--guess", "--per-example-tangents", "--split-stacks", "--block-local-tangents",
+                     "--local-weight"],
+            "local": ["--perturbation weight", "--sampler", "--per-example-tangents", "--block-local-tangents",
+                      "--local-weight"],
+        }.get(self.gradient, ["--split-stacks"] if self.perturbation == "weight" else [])
+        given = {"--guess": self.guess is not None, "--per-example-tangents": self.per_example_tangents,
+                 "--split-stacks": self.split_stacks, "--block-local-tangents": self.block_local,
+                 "--local-weight": bool(self.local_weight), "--sampler": self.sampler != "normal",
+                 "--perturbation weight": self.perturbation == "weight"}
+        unused = [flag for flag in ignored if given[flag]]
+        if unused:
+            what = "--perturbation activity" if self.perturbation == "weight" and self.gradient not in (
+                "bp", "mezo", "local") else f"--gradient {self.gradient}"
+            raise ValueError(f"{what} does not use {', '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
         if self.gradient == "mezo" and self.optimizer == "sgd" and self.lr is None and self.lr_table is None:
             raise ValueError("--gradient mezo has no step-size table: give --lr (MeZO's SGD step sizes are about "
-                             "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/finetune.py for a scaled grid)")
-        if not self.mezo_eps > 0:
-            raise ValueError(f"--mezo-eps must be > 0, got {self.mezo_eps}")
-        if self.head_tokens not in HEAD_TOKENS:
-            raise ValueError(f"unknown --head-tokens {self.head_tokens!r}; choose one of {', '.join(HEAD_TOKENS)}")
-        if self.head_channels < 0:
-            raise ValueError(f"--head-channels must be >= 0, got {self.head_channels}")
-        if not self.head_lr > 0:
-            raise ValueError(f"--head-lr must be > 0, got {self.head_lr}")
+                             "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/studies/finetune.py for a scaled grid)")
         if self.lr is not None and self.lr_table is not None:
             raise ValueError("give --lr or --lr-table, not both")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"the learning rate must be > 0, got {self.lr}")
+        if self.lr is not None:
+            check_positive("the learning rate", self.lr)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        build_estimator(self, num_classes=2)  # the estimator's own checks
 
 
-def example_options(config: TrainConfig, num_classes: int) -> dict[str, Any]:
-    """The estimator's per-example and guess options of a run (none for the paper's protocol); local
-    learning takes local heads unless --guess says otherwise."""
+def build_estimator(config: TrainConfig, num_classes: int, blocks: Sequence[nn.Module] | None = None,
+                    communicator: Communicator | None = None) -> GradientEstimator | None:
+    """The estimator of a run (None for backprop), with the paper's plain estimators (no length
+    correction). Activity perturbation gets its guesses, per-example or block-local tangents and hybrid
+    weight; local learning its guess source (local heads unless --guess says otherwise)."""
     if config.gradient == "bp":
-        return {}
-    guess: GuessSource | None = None
-    if config.guess is not None or config.gradient == "local":
-        guess = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
-                           tokens=config.head_tokens)
-        if config.guess == "topdown":
-            guess = TopDown(guess)
-    return {"per_example": config.per_example_tangents, "guess": guess}
+        return None
+    guess = guess_source(config, num_classes)
+    if config.gradient == "local":
+        assert guess is not None  # local learning always has one
+        return LocalLearning(guess, blocks=blocks)
+    if config.gradient == "mezo":
+        return MeZO(eps=config.mezo_eps, directions=config.num_tangents, seed=config.seed)
+    perturbation: str | ActivityPerturbation = config.perturbation
+    if config.perturbation == "activity" and (config.shapes_activity_tangents or blocks is not None):
+        perturbation = ActivityPerturbation(blocks, per_example=config.per_example_tangents, guess=guess,
+                                            block_local=config.block_local, local_weight=config.local_weight)
+    return estimator_for(config.gradient, config.num_tangents, engine=config.engine, seed=config.seed,
+                         perturbation=perturbation, communicator=communicator, sampler=config.sampler,
+                         rank=config.rank, tangent_budget_mb=config.tangent_budget_mb,
+                         scale_correction=False)  # the paper's plain estimators
+
+
+def guess_source(config: TrainConfig, num_classes: int) -> GuessSource | None:
+    """The guess source of --guess (local learning: local heads by default), or None."""
+    if config.guess is None and config.gradient != "local":
+        return None
+    heads = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
+                       tokens=config.head_tokens)
+    if config.guess == "topdown":
+        return TopDown(heads)
+    if config.guess == "topdown+local":
+        return Combined(TopDown(), heads)
+    return heads
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
@@ -180,7 +195,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
     note = "learning rate given"
     lr = config.lr
     if lr is None and config.lr_table is not None:
-        k = None if config.gradient == "bp" else config.tangents
+        k = None if config.gradient == "bp" else config.num_tangents
         lr = table_lr(config.lr_table, config.optimizer, model=model_row_name(config.model, config.width),
                       dataset=config.dataset, gradient_approach=config.gradient, k=k)
         note = f"table {config.lr_table}"
@@ -188,10 +203,10 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
         raise ValueError(f"the step-size tables have no row for --model {config.model} --depth {config.depth}: "
                          "give --lr (or tune it: frog tune train)")
     elif lr is None and config.optimizer == "sgd" and (config.variant or config.gradient == "local"):
-        lr, note = variant_lr(config.model, config.width, config.dataset, config.gradient, config.tangents,
+        lr, note = variant_lr(config.model, config.width, config.dataset, config.gradient, config.num_tangents,
                               config.variant or "guess")
     elif lr is None and config.optimizer == "sgd":
-        lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.tangents)
+        lr, note = network_lr(config.model, config.width, config.dataset, config.gradient, config.num_tangents)
     elif lr is None:
         lr, note = DEFAULT_LR[config.optimizer], f"default of --optimizer {config.optimizer}"
     batch_size = config.batch_size or (128 if config.dataset == "cifar10" else 64)
@@ -243,6 +258,37 @@ def _train_step(model, optimizer, estimator: GradientEstimator | None, x, y, com
     return loss.item() * len(y), int((logits.argmax(1) == y).sum())
 
 
+@dataclass
+class _Run:
+    """What one run works with: its resolved config and where its step size came from, where it writes, the model, optimizer and estimator,
+    and the loop state (the last finished epoch, the best validation loss, epochs without improvement,
+    whether it is done) that the checkpoint keeps."""
+
+    config: TrainConfig
+    lr_note: str
+    out_dir: Path
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    estimator: GradientEstimator | None
+    main_rank: bool
+    log: Callable[[str], None]
+    state: dict[str, Any]
+    metrics: CsvLog | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.csv"
+
+    @property
+    def config_path(self) -> Path:
+        return self.out_dir / "config.json"
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
@@ -262,9 +308,25 @@ def train(
     stays the global batch, so the numbers do not depend on the number of ranks, and only rank 0
     writes files."""
     comm = communicator
-    main_rank = comm is None or comm.rank == 0
-    if not main_rank:
-        log = _silent
+    _checked(config, comm)
+    data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
+    run = _setup(config, Path(out_dir), data, comm, log if comm is None or comm.rank == 0 else _silent, resume)
+    _resume(run, resume, comm)
+    diverged = False  # in the last epoch run here (resuming a finished run runs none)
+    while not run.state["done"] and run.state["epoch"] < run.config.epochs:
+        row, diverged = _epoch(run, data, comm, progress)
+        _save(run, row)
+        if on_epoch is not None:
+            on_epoch(row)
+    if run.state["done"] and not diverged and run.state["bad_epochs"] >= run.config.patience:
+        run.log(f"early stop: no validation improvement for {run.config.patience} epochs")
+    if comm is not None:
+        comm.barrier()  # rank 0's files are complete before anyone returns
+    return read_csv(run.metrics_path)[1]
+
+
+def _checked(config: TrainConfig, comm: Communicator | None) -> None:
+    """ValueError for a config that cannot work, alone or over the ranks of ``comm``."""
     config.check()
     if comm is not None and config.gradient in ("mezo", "local"):
         raise ValueError(f"--gradient {config.gradient} runs on one process: drop --distributed")
@@ -273,26 +335,21 @@ def train(
     if comm is not None and config.optimizer == "line-search":
         raise ValueError("--optimizer line-search runs on one process (its trial passes are not shared); "
                          "drop --distributed or use another --optimizer")
-    data = data or load_dataset(config.dataset, config.data_dir, split_seed=0)
+
+
+def _setup(config: TrainConfig, out_dir: Path, data: Dataset, comm: Communicator | None, log: Callable[[str], None],
+           resume: bool) -> _Run:
+    """Resolve the config (step size, batch size) and build the model, the optimizer and the estimator."""
     config, lr_note = resolve(config)
     log(f"learning rate {config.lr:g} ({lr_note}), batch size {config.batch_size}")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, metrics_path, config_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv", out_dir / "config.json"
     device = torch.device(config.device)
-
     torch.manual_seed(config.seed)
     model = make_model(config.model, data.input_shape, data.num_classes, width=config.width,
                        depth=config.depth).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    estimator = estimator_for(config.gradient, config.tangents, engine=config.engine, seed=config.seed,
-                              perturbation=config.perturbation, communicator=comm,
-                              sampler=config.sampler, rank=config.rank,
-                              tangent_budget_mb=config.tangent_budget_mb,
-                              scale_correction=False,  # the paper's plain estimators
-                              mezo_eps=config.mezo_eps,
-                              blocks=stacks_opened(model) if config.split_stacks else None,
-                              **example_options(config, data.num_classes))
+    blocks = stacks_opened(model) if config.split_stacks else None
+    estimator = build_estimator(config, data.num_classes, blocks, comm)
     trainable = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
     check_rank(config.sampler, config.rank, list(trainable.values()), list(trainable))  # before any work
     state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "bad_epochs": 0, "done": False}
@@ -301,99 +358,106 @@ def train(
         if comm.mode == "data" and config.perturbation == "activity" and estimator is not None:
             log("distributed data mode with activity perturbation: the weight gradients depend on every "
                 "sample, so the ranks all-reduce gradients (n numbers a step), not k jvps")
+    return _Run(config, lr_note, out_dir, device, model, optimizer, estimator, comm is None or comm.rank == 0, log, state)
 
-    if resume and checkpoint_path.exists():
-        saved = {**asdict(TrainConfig()), **json.loads(config_path.read_text())["config"]}  # older runs: defaults
-        current = asdict(config)
+
+def _resume(run: _Run, resume: bool, comm: Communicator | None) -> None:
+    """Continue from the checkpoint (same settings, up to those in RESUMABLE_CHANGES) or start afresh;
+    then (re)write config.json and open metrics.csv."""
+    resuming = resume and run.checkpoint_path.exists()
+    if resuming:
+        saved_config = json.loads(run.config_path.read_text())["config"]
+        saved = {**asdict(TrainConfig()), **{RENAMED.get(k, k): v for k, v in saved_config.items()}}  # older runs
+        current = asdict(run.config)
         for free in RESUMABLE_CHANGES:  # settings that do not change the numbers
             saved.pop(free, None), current.pop(free)
         if saved != current:
             changed = sorted(set(saved) ^ set(current) | {k for k in saved if saved[k] != current.get(k)})
-            raise ValueError(f"cannot resume {out_dir}: settings differ from the checkpoint ({', '.join(changed)})")
-        state = _restore(checkpoint_path, device, model, optimizer, estimator)
-        if main_rank:
-            _, rows = read_csv(metrics_path)
-            write_csv(metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= state["epoch"]])
-        log(f"resumed after epoch {state['epoch']}")
+            raise ValueError(f"cannot resume {run.out_dir}: settings differ from the checkpoint ({', '.join(changed)})")
+        run.state = _restore(run.checkpoint_path, run.device, run.model, run.optimizer, run.estimator)
+        if run.main_rank:
+            _, rows = read_csv(run.metrics_path)
+            write_csv(run.metrics_path, METRICS, [r for r in rows if int(r["epoch"]) <= run.state["epoch"]])
+        run.log(f"resumed after epoch {run.state['epoch']}")
     elif resume:
-        log(f"no checkpoint in {out_dir}: starting from scratch")
-    metrics = None
+        run.log(f"no checkpoint in {run.out_dir}: starting from scratch")
     if comm is not None:
         comm.barrier()  # every rank has read config.json and the checkpoint before rank 0 rewrites them
-    if main_rank:
-        if not (resume and checkpoint_path.exists()) and metrics_path.exists():
-            metrics_path.unlink()
-        config_path.write_text(json.dumps({"config": asdict(config), "lr_source": lr_note}, indent=2))
-        metrics = CsvLog(metrics_path, METRICS)
+    if run.main_rank:
+        if not resuming and run.metrics_path.exists():
+            run.metrics_path.unlink()
+        run.config_path.write_text(json.dumps({"config": asdict(run.config), "lr_source": run.lr_note}, indent=2))
+        run.metrics = CsvLog(run.metrics_path, METRICS)
     if comm is not None:
         comm.barrier()
 
+
+def _epoch(run: _Run, data: Dataset, comm: Communicator | None, progress: bool) -> tuple[dict[str, Any], bool]:
+    """One epoch of training and its evaluation: the metrics row, and whether the run diverged."""
+    config, state, optimizer = run.config, run.state, run.optimizer
     batch_size = config.batch_size
-    assert batch_size is not None and config.lr is not None  # resolved above
-    diverged = False  # in the last epoch run here (resuming a finished run runs none)
+    assert batch_size is not None and config.lr is not None  # resolved in _setup
+    epoch, start = state["epoch"] + 1, time.perf_counter()
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
-    while not state["done"] and state["epoch"] < config.epochs:
-        epoch = state["epoch"] + 1
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
-        total_loss, correct, seen, diverged = 0.0, 0, 0, False
-        model.train()
-        steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=device)
-        sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
-        for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
-                                            disable=not (progress and main_rank), leave=False)):
-            if config.lr_schedule != "constant":  # constant: the optimizer's step-size state is left alone
-                set_scheduled_lr(optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
-                                 config.epochs * steps_per_epoch)
-            if comm is not None and comm.mode == "data":
-                if len(y) < comm.world:
-                    continue  # too small to give every rank a sample (only ever a last partial batch)
-                shard = comm.shard(len(y))
-                comm.shard_weight = (shard.stop - shard.start) / len(y)
-                x, y = x[shard], y[shard]
-            try:
-                loss, right = _train_step(model, optimizer, estimator, x, y, comm if comm and comm.mode == "data" else None)
-            except NonFiniteError as error:
-                log(f"stopped: {error}")
-                diverged = True
-                break
-            total_loss, correct, seen, step_count = total_loss + loss, correct + right, seen + len(y), step_count + 1
-        bytes_per_step = (comm.bytes_sent - sent_before) / max(step_count, 1) if comm else None
-        if comm is not None and comm.mode == "data":  # the epoch's training totals over all shards
-            totals = comm.sum_over_ranks(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
-            total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-        val_loss, val_accuracy = evaluate(model, data.val, batch_size, device)
-        test_loss, test_accuracy = evaluate(model, data.test, batch_size, device)
-        if val_loss < state["best_val"]:
-            state["best_val"], state["bad_epochs"] = val_loss, 0
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["done"] = diverged or state["bad_epochs"] >= config.patience or not math.isfinite(val_loss)
-        row = {
-            "epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
-            "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
-            "steps": estimator.calls if estimator is not None else "", "diverged": diverged,
-            "comm_bytes_per_step": bytes_per_step,
-            "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
-        }
-        if main_rank:
-            assert metrics is not None  # the main rank writes the metrics
-            metrics.append(row)
-            checkpoints.save(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "estimator": estimator.state_dict() if estimator is not None else None,
-                "state": state, "rng": checkpoints.rng_state(device)})
-        log(f"epoch {epoch}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_accuracy:.4f} | test acc {test_accuracy:.4f} | {row['seconds']:.1f} s")
-        if on_epoch is not None:
-            on_epoch(row)
-    if state["done"] and not diverged and state["bad_epochs"] >= config.patience:
-        log(f"early stop: no validation improvement for {config.patience} epochs")
-    if comm is not None:
-        comm.barrier()  # rank 0's files are complete before anyone returns
-    return read_csv(metrics_path)[1]
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
+    total_loss, correct, seen, diverged = 0.0, 0, 0, False
+    run.model.train()
+    steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=run.device)
+    sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
+    for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
+                                        disable=not (progress and run.main_rank), leave=False)):
+        if config.lr_schedule != "constant":  # constant: the optimizer's step-size state is left alone
+            set_scheduled_lr(optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
+                             config.epochs * steps_per_epoch)
+        if comm is not None and comm.mode == "data":
+            if len(y) < comm.world:
+                continue  # too small to give every rank a sample (only ever a last partial batch)
+            shard = comm.shard(len(y))
+            comm.shard_weight = (shard.stop - shard.start) / len(y)
+            x, y = x[shard], y[shard]
+        try:
+            loss, right = _train_step(run.model, optimizer, run.estimator, x, y,
+                                      comm if comm and comm.mode == "data" else None)
+        except NonFiniteError as error:
+            run.log(f"stopped: {error}")
+            diverged = True
+            break
+        total_loss, correct, seen, step_count = total_loss + loss, correct + right, seen + len(y), step_count + 1
+    bytes_per_step = (comm.bytes_sent - sent_before) / max(step_count, 1) if comm else None
+    if comm is not None and comm.mode == "data":  # the epoch's training totals over all shards
+        totals = comm.sum_over_ranks(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
+        total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+    val_loss, val_accuracy = evaluate(run.model, data.val, batch_size, run.device)
+    test_loss, test_accuracy = evaluate(run.model, data.test, batch_size, run.device)
+    if val_loss < state["best_val"]:
+        state["best_val"], state["bad_epochs"] = val_loss, 0
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["done"] = diverged or state["bad_epochs"] >= config.patience or not math.isfinite(val_loss)
+    row = {
+        "epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+        "val_loss": val_loss, "val_accuracy": val_accuracy, "test_loss": test_loss,
+        "test_accuracy": test_accuracy, "seconds": time.perf_counter() - start, "lr": config.lr,
+        "steps": run.estimator.calls if run.estimator is not None else "", "diverged": diverged,
+        "comm_bytes_per_step": bytes_per_step,
+        "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
+    }
+    return row, diverged
+
+
+def _save(run: _Run, row: dict[str, Any]) -> None:
+    """Append the epoch's row to metrics.csv, then write the checkpoint (main rank), and log the row."""
+    if run.main_rank:
+        assert run.metrics is not None  # the main rank writes the metrics
+        run.metrics.append(row)
+        checkpoints.save(run.checkpoint_path, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "estimator": run.estimator.state_dict() if run.estimator is not None else None,
+            "state": run.state, "rng": checkpoints.rng_state(run.device)})
+    run.log(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} | test acc {row['test_accuracy']:.4f} | "
+            f"{row['seconds']:.1f} s")
 
 
 def _silent(message: str) -> None:
