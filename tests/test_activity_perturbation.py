@@ -5,6 +5,7 @@ gradients: for a Linear block h = W x of one example, W.grad = ghat x^T, so ghat
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ SIZES = (5, 4, 6, 3)  # input, block 0, block 1, block 2 (the last)
 
 def linear_chain(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(*(nn.Linear(a, b, bias=False) for a, b in zip(SIZES, SIZES[1:], strict=False))).double()
+    return nn.Sequential(*(nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(SIZES))).double()
 
 
 def one_example(seed: int = 1):
