@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import frog
-from frog.example_tangents import MaskCheck
 from frog.guesses import Combined, GuessSource, LocalHeads
+from frog.per_example import MaskCheck
 from frog.tangents import TangentPlan
 
 F64 = torch.float64

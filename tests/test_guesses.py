@@ -13,9 +13,9 @@ from torch import nn
 import frog
 from frog.aggregation import coefficients
 from frog.cli import main
-from frog.example_tangents import MaskCheck
 from frog.guesses import GuessSource, LocalHeads, head_for
 from frog.layouts import PerExample
+from frog.per_example import MaskCheck
 from frog.training.train import TrainConfig, train
 
 F64 = torch.float64

@@ -7,7 +7,7 @@ per-sample losses' jvps along tangents placed on the block outputs, d_i = sum_b 
 ghat_b = V_b^T c / B, and its weight gradient is the block-local product (dh_b/dtheta_b)^T ghat_b.
 
 The tangents are one set shared by the batch (the paper), or per example, masked at inactive ReLU
-units, with a :class:`~frog.guesses.GuessSource`'s guesses first (:mod:`frog.example_tangents`; the
+units, with a :class:`~frog.guesses.GuessSource`'s guesses first (:mod:`frog.per_example`; the
 guide "Closing the gap to backprop", docs/guides/closing-the-gap.md).
 """
 
@@ -23,10 +23,10 @@ from torch import nn
 from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch, shared_features
 from .distributed import Communicator
 from .engines import RngReplay
-from .example_tangents import Guesses, MaskCheck, check_example_kind, checked_guesses, example_plan
 from .forward_mode.batchnorm import frozen_running_stats
 from .guesses import GuessSource
 from .interface import PER_SAMPLE, LossFn, per_sample_losses
+from .per_example import Guesses, MaskCheck, check_example_kind, checked_guesses, example_plan
 from .solver import Solver
 from .tangents import TangentPlan
 
@@ -144,7 +144,7 @@ class ActivityPerturbation:
               ) -> tuple[TangentPlan, Guesses]:
         """The step's activity tangents and the guesses among them: the plan of one shared row set (the
         paper), or per-example rows, masked at inactive ReLU units, with the guess source's guesses first
-        (:mod:`frog.example_tangents`)."""
+        (:mod:`frog.per_example`)."""
         features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
         guesses: Guesses = [[] for _ in outputs]
         if not self.shapes_rows:

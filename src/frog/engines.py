@@ -19,7 +19,7 @@ the exact gradient (how the paper computed them); ``fd`` needs no forward-mode r
 The memory column is for a plan that does not keep its blocks (tangents beyond the estimator's
 budget); a plan that keeps them holds k x n for the whole step, whatever the engine. Structured
 (low-rank) blocks are held as their factors, k r (m + n) numbers, and a Linear, Conv or Embedding
-whose weight has them takes them through :mod:`frog.layers`, never as dense tangents; other modules'
+whose weight has them takes them through :mod:`frog.factored`, never as dense tangents; other modules'
 factored weights are formed densely for that block only.
 """
 
@@ -35,13 +35,13 @@ from typing import cast
 import torch
 from torch.func import jvp, vmap
 
-from . import layers
+from . import factored
 from .checks import check_choice, check_int, check_positive
 from .errors import ForwardModeError
+from .factored import Routes, Users
 from .forward_mode.attention import forward_mode_attention
 from .forward_mode.batchnorm import forward_mode_batch_norm
 from .forward_mode.plain_kernels import forward_mode_kernels
-from .layers import Routes, Users
 from .layouts import LowRank
 from .tangents import TangentPlan
 
@@ -108,7 +108,7 @@ def forward_mode_rules() -> Iterator[None]:
 class RoutedPrimals:
     """The primals of one engine call, split by how their tangents enter.
 
-    ``routes``: factored blocks whose every use is a known module (:mod:`frog.layers`): their weights
+    ``routes``: factored blocks whose every use is a known module (:mod:`frog.factored`): their weights
     stay constant and the layers add their change along the factored tangent; ``free``: all other
     blocks, whose (dense) tangents enter the function directly.
     """
@@ -139,7 +139,7 @@ class RoutedPrimals:
 
         def run(free: dict[str, torch.Tensor], markers: dict[int, torch.Tensor]):
             bases: dict[int, torch.Tensor] = {}
-            with layers.forward_rules(self.routes, markers, bases):
+            with factored.forward_rules(self.routes, markers, bases):
                 value = fn({**self.constants, **free})
             return value, bases
 
@@ -191,7 +191,7 @@ class Engine(ABC):
         value: fn's output, () or (B,); jvps: (len(rows), *value.shape). Primals with a leading batch
         dimension beyond their block's shape share one tangent across the batch (:func:`shaped_like`).
         ``users`` (primal name -> the known modules that alone use it as their weight) lets factored
-        blocks reach the jvps through those modules without dense tangents (:mod:`frog.layers`).
+        blocks reach the jvps through those modules without dense tangents (:mod:`frog.factored`).
         """
 
 
@@ -270,7 +270,7 @@ class SimEngine(Engine):
     (true unless e.g. BatchNorm in train mode couples them). Factored blocks give
     d_i = sum_r u_ir^T g v_ir / sqrt(r) from the factors; routed ones (weights of known layers) get no
     weight gradient at all: d_i = sum over the layer's output rows of (g_out U_i)(x V_i), from the
-    gradient g_out at its output (:func:`frog.layers.gradient_taps`).
+    gradient g_out at its output (:func:`frog.factored.gradient_taps`).
     """
 
     name = "sim"
@@ -283,8 +283,8 @@ class SimEngine(Engine):
         # their layers' output gradients, tapped in the same backward pass
         leaves = {name: p.detach().requires_grad_(b in split.free) for b, (name, p) in enumerate(primals.items())}
         taps: list[tuple[torch.Tensor, list]] = []
-        with torch.enable_grad(), layers.basis_hooks(split.routes, split.bases), \
-                layers.gradient_taps(split.routes, taps):
+        with torch.enable_grad(), factored.basis_hooks(split.routes, split.bases), \
+                factored.gradient_taps(split.routes, taps):
             value = fn(leaves)
             if taps and value.dim() != 0:
                 raise ValueError("low-rank tangents perturb weights: the function must return one scalar, "
@@ -360,7 +360,7 @@ class FiniteDifferenceEngine(Engine):
         split = RoutedPrimals(primals, plan, users)
         replay = RngReplay(_device(primals))
         with torch.no_grad():
-            with layers.basis_hooks(split.routes, split.bases):
+            with factored.basis_hooks(split.routes, split.bases):
                 value = fn(primals)
             split.set_bases(plan)
             jvps = []
@@ -379,7 +379,7 @@ def _moved(fn: Function, primals: dict[str, torch.Tensor], split: RoutedPrimals,
     routed factors (1, r, m + n)), with the random numbers of the unmoved pass."""
     replay.reset()
     shifted = {name: primals[name] + (step * t[0]).to(t.dtype) for name, t in free.items()}
-    with layers.shift_hooks(split.routes, {b: t[0] for b, t in packed.items()}, split.bases, float(step)):
+    with factored.shift_hooks(split.routes, {b: t[0] for b, t in packed.items()}, split.bases, float(step)):
         return fn({**split.constants, **shifted})
 
 

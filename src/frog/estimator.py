@@ -21,11 +21,11 @@ from .aggregation import Aggregator, check_method
 from .checks import check_choice, check_int
 from .distributed import Communicator, unwrap_replicas
 from .engines import DEFAULT_TANGENT_BUDGET_MB, Engine, budget_bytes, make_engine
+from .factored import Users
 from .forward_mode.masks import same_masks
 from .forward_mode.plain_kernels import plain_checkpoints
 from .guesses import GuessSource
 from .interface import GradientEstimator, LossFn, StepEstimates, StepState, release, trainable_parameters
-from .layers import Users
 from .solver import Solver, TangentSettings
 from .tangents import STRUCTURED, TangentPlan, check_kind, check_rank
 from .weight_perturbation import WeightPerturbation

@@ -2,7 +2,7 @@
 
 A guess gamma_{b,i} of grad_{h_b} l_i (block b's output, example i) becomes one tangent of the
 activity perturbation, in block b's part of the global tangent and zero elsewhere; the other tangents
-stay random (:mod:`frog.example_tangents`). frog's projection then takes from the jvps exactly the
+stay random (:mod:`frog.per_example`). frog's projection then takes from the jvps exactly the
 true gradient's component along each guess, so a good guess closes most of the gap to backprop and a
 bad one costs one tangent. A guess is computed without a backward pass through the network: it may
 use the block's output, the targets and the loss's graph after the last block.

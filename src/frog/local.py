@@ -30,7 +30,6 @@ from torch import nn
 
 from .activity import block_labels, blocks_of, check_local, local_graphs, shared_by_batch
 from .distributed import unwrap_replicas
-from .example_tangents import checked_guesses
 from .guesses import GuessSource, output_gradient
 from .interface import (
     PER_SAMPLE,
@@ -43,6 +42,7 @@ from .interface import (
     release,
     trainable_parameters,
 )
+from .per_example import checked_guesses
 
 
 class LocalLearning(GradientEstimator):

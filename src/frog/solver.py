@@ -18,8 +18,8 @@ import torch
 from .aggregation import Aggregator
 from .distributed import Communicator
 from .engines import Engine, Function, explained_forward_mode_errors, rows_within
+from .factored import Users
 from .interface import StepState, check_finite
-from .layers import Users
 from .tangents import TangentPlan, check_rank, stored_size
 
 

@@ -8,7 +8,7 @@ it is needed (``update`` holds one at a time).
 
 Structured samplers (``lowrank``, ``input-span``) need to know which known module (Linear, Conv,
 Embedding) uses each weight, so that the layer can take the factored tangent directly
-(:mod:`frog.layers`): :meth:`WeightPerturbation.weight_users` finds them once per model.
+(:mod:`frog.factored`): :meth:`WeightPerturbation.weight_users` finds them once per model.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import layers
+from . import factored
 from .distributed import Communicator
 from .engines import Function, RngReplay, check_scalar
+from .factored import Users
 from .forward_mode.batchnorm import frozen_running_stats
 from .interface import SCALAR, LossFn
-from .layers import Users
 from .solver import Solver
 from .tangents import STRUCTURED, TangentPlan
 
@@ -85,7 +85,7 @@ class WeightPerturbation:
         users = users or {}
         input_span = solver.tangents.sampler == "input-span"
         span = [b for b, name in enumerate(names) if input_span and primals[name].dim() >= 2
-                and len(users.get(name, ())) == 1 and layers.sees_inputs(users[name][0])]
+                and len(users.get(name, ())) == 1 and factored.sees_inputs(users[name][0])]
         if input_span:
             self._warn_low_rank([name for b, name in enumerate(names) if primals[name].dim() >= 2 and b not in span])
         plan = solver.plan([p.shape for p in primals.values()], next(iter(primals.values())), names, span)
@@ -102,10 +102,10 @@ class WeightPerturbation:
         key = tuple(id(p) for p in params.values())
         cached = self._users.get(model)
         if cached is None or cached[0] != key:
-            candidates = layers.weight_users(model, {id(p): name for name, p in params.items()})
+            candidates = factored.weight_users(model, {id(p): name for name, p in params.items()})
             replay = RngReplay(next(iter(params.values())).device)
             with frozen_running_stats(freeze=True), torch.no_grad():
-                users = layers.check_uses(model, lambda: loss_fn(model), params, candidates)
+                users = factored.check_uses(model, lambda: loss_fn(model), params, candidates)
             replay.reset()
             cached = self._users[model] = (key, users)
         return cached[1]
