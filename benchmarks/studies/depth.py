@@ -59,7 +59,7 @@ SETTINGS = {
     "vit": {"model": "vit", "head_tokens": "first"},
 }
 FROG = {"gradient": "frog", "engine": "sim", "guess": "local"}
-ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", or None)
+ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (max(16, 2 L + 4)), "G" (2 L - 1), or None)
     "bp": ({"gradient": "bp"}, None),
     "local": ({"gradient": "local"}, None),
     "frog": (FROG, "16"),
@@ -68,7 +68,13 @@ ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", or None
     "frog-topdown-kL": ({**FROG, "guess": "topdown"}, "L"),
     "topdown": ({"gradient": "local", "guess": "topdown"}, None),
 }
-VARIANTS: dict[str, tuple[dict, str | None]] = {}  # the levers of frog (filled in as they are built)
+VARIANTS = {  # the levers of frog beyond its guesses (--rows)
+    "frog-hybrid": ({**FROG, "local_weight": 1.0}, "16"),  # L + sum_b L_b: the local part exact, frog the global
+    "frog-topdown-hybrid": ({**FROG, "guess": "topdown", "local_weight": 1.0}, "16"),
+    "frog-both": ({**FROG, "guess": "topdown+local"}, "2L"),  # top-down and head guesses on the stream blocks
+    "frog-both-kG": ({**FROG, "guess": "topdown+local"}, "G"),  # the same, guesses only
+    "frog-blocklocal": ({**FROG, "block_local": True}, "16"),  # each random tangent inside one block
+}
 COLUMNS = ["setting", "depth", "row", "k", "lr", "seed", "epochs", "test_accuracy", "val_accuracy",
            "test_by_epoch", "seconds_per_epoch", "diverged"]
 BEST_COLUMNS = ["setting", "depth", "row", "k", "lr", "lrs_tried", "val_accuracy_seed0", "test_accuracy_by_seed",
@@ -94,7 +100,8 @@ def config_of(setting: str, row: str, lr: float, seed: int, epochs: int, data: D
         config = replace(config, split_stacks=False)  # backprop has no blocks
     if k_rule is not None:
         blocks = num_blocks(config, data)
-        config = replace(config, num_tangents=blocks if k_rule == "L" else max(16, blocks + 4))
+        k = {"L": blocks, "16": max(16, blocks + 4), "2L": max(16, 2 * blocks + 4), "G": 2 * blocks - 1}[k_rule]
+        config = replace(config, num_tangents=k)
     return config
 
 
