@@ -66,18 +66,14 @@ class ForwardGradient(GradientEstimator):
         seed: tangents of call t depend only on (seed, t, tangent, block).
         normalize: divide each tangent by its norm.
         angle: degrees in (0, 90], for ``sampler="angle"``.
-        scale_correction: multiply by the authors' length correction (docs: the API page, "Length"), so
-            that the estimate has the gradient's expected length instead of about sqrt(k/n) of it (frog:
-            E[chi_n] / E[chi_k]). On by default: optimizers are tuned for gradient-sized numbers
-            (epsilons of Adadelta, Adagrad, RMSprop and Adam; SGD's step size and weight decay;
-            gradient clipping), and with the plain projection they take steps about sqrt(k/n) times
-            too short or none at all. ``False`` gives the paper's plain estimators, as its experiments
-            (``frog train``, ``frog optimize``, ``frog reproduce``) use them.
-        tangent_budget_mb: memory the tangents may take. When all k tangents fit (k x n entries, or
-            the factors of structured tangents), they are generated once per step and kept; otherwise
-            they are generated block by block where they are needed (twice or three times a step) and
-            the ``jvp`` engine runs its passes on chunks of tangents that fit: slower, with memory
-            bounded by the budget.
+        scale_correction: multiply by the authors' length correction (frog: E[chi_n] / E[chi_k],
+            :func:`frog.scale_correction`), so that the estimate has the gradient's expected length instead
+            of about sqrt(k/n) of it: optimizers are tuned for gradient-sized numbers (Adam's epsilon, SGD's
+            step size, weight decay, clipping). ``False`` gives the paper's plain estimators, as its
+            experiments (``frog train``, ``frog optimize``, ``frog reproduce``) use them.
+        tangent_budget_mb: memory the tangents may take. When all k tangents fit (dense, or the factors of
+            structured tangents) they are generated once per step and kept; otherwise they are generated
+            block by block where needed and the ``jvp`` engine runs on chunks that fit (slower).
         rtol: eigenvalue cut-off of the Gram solve for rank-deficient tangents.
         perturbation: what :meth:`fill_grad` perturbs: ``weight`` (a tangent per parameter tensor) or
             ``activity`` (a tangent per block output, shared by the batch, as in the paper), or a strategy
@@ -103,37 +99,21 @@ class ForwardGradient(GradientEstimator):
                  per_example: bool = False, relu_mask: bool | None = None, guess: GuessSource | None = None,
                  tangents: str | None = None, fd_step: float | None = None, max_streams: int | None = None) -> None:
         sampler = _renamed("tangents", tangents, "sampler", sampler, "normal")
-        for old, value, new in (("fd_step", fd_step, "FiniteDifferenceEngine(step)"),
-                                ("max_streams", max_streams, "JvpEngine(max_streams)")):
-            if value is not None:
-                warnings.warn(f"ForwardGradient({old}=...) is deprecated: pass engine={new}", DeprecationWarning,
-                              stacklevel=2)
         check_int("num_tangents", num_tangents, 1)
         check_method(aggregation)
         check_kind(sampler, angle)
         check_int("seed", seed)
         check_rank(sampler, rank, ())
         self.strategy = _strategy(perturbation, blocks, per_example, relu_mask, guess)
-        self.strategy_checks(sampler, normalize, communicator)
+        _check_combination(self.strategy, sampler, normalize, communicator)
         self.loss_contract = self.strategy.loss_contract
         self.state = StepState(seed)
         self.num_tangents, self.aggregation, self.communicator = num_tangents, aggregation, communicator
-        self.engine = make_engine(engine, fd_step if engine == "fd" else None, tangent_budget_mb, max_streams)
+        self.engine = _engine(engine, fd_step, max_streams, tangent_budget_mb)
         self.aggregator = Aggregator(aggregation, num_tangents, sampler, normalize,
                                      scale_correction and self.guess is None, rtol)
         settings = TangentSettings(num_tangents, sampler, rank, normalize, angle, budget_bytes(tangent_budget_mb))
         self.solver = Solver(settings, self.engine, self.aggregator, self.state)
-
-    def strategy_checks(self, sampler: str, normalize: bool, communicator: Communicator | None) -> None:
-        """ValueError for combinations the strategy cannot take."""
-        if sampler in STRUCTURED and isinstance(self.strategy, ActivityPerturbation):
-            raise ValueError(f"sampler={sampler!r} structures weight tangents, but perturbation='activity' "
-                             "perturbs block outputs: use perturbation='weight' (or sampler='normal')")
-        if sampler == "input-span" and communicator is not None and communicator.mode == "data":
-            raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
-                             "distributed data mode: use the tangent mode (--distributed tangent) or sampler='lowrank'")
-        if isinstance(self.strategy, ActivityPerturbation):
-            self.strategy.check(sampler, normalize, communicator)
 
     # -- settings and state ----------------------------------------------------------------------
     @property
@@ -267,6 +247,28 @@ def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -
         raise ValueError(f"give {new}= only ({old}= is its deprecated name)")
     warnings.warn(f"ForwardGradient({old}=...) is deprecated: it is now {new}=", DeprecationWarning, stacklevel=3)
     return old_value
+
+
+def _engine(engine: str | Engine, fd_step: float | None, max_streams: int | None, budget_mb: float) -> Engine:
+    """The engine, with the options that the deprecated keywords fd_step and max_streams give (warned)."""
+    for old, value, new in (("fd_step", fd_step, "FiniteDifferenceEngine(step)"),
+                            ("max_streams", max_streams, "JvpEngine(max_streams)")):
+        if value is not None:
+            warnings.warn(f"ForwardGradient({old}=...) is deprecated: pass engine={new}", DeprecationWarning,
+                          stacklevel=4)
+    return make_engine(engine, fd_step if engine == "fd" else None, budget_mb, max_streams)
+
+
+def _check_combination(strategy: Strategy, sampler: str, normalize: bool, communicator: Communicator | None) -> None:
+    """ValueError for tangents the strategy cannot take."""
+    if sampler in STRUCTURED and isinstance(strategy, ActivityPerturbation):
+        raise ValueError(f"sampler={sampler!r} structures weight tangents, but perturbation='activity' "
+                         "perturbs block outputs: use perturbation='weight' (or sampler='normal')")
+    if sampler == "input-span" and communicator is not None and communicator.mode == "data":
+        raise ValueError("input-span tangents depend on the batch, which differs between the ranks in "
+                         "distributed data mode: use the tangent mode (--distributed tangent) or sampler='lowrank'")
+    if isinstance(strategy, ActivityPerturbation):
+        strategy.check(sampler, normalize, communicator)
 
 
 def _strategy(perturbation: str | Strategy, blocks: Sequence[nn.Module] | None, per_example: bool,

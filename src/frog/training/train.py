@@ -1,4 +1,4 @@
-"""Training networks with backprop or forward gradients (SPEC 2.4-2.5, "Training protocol").
+"""Training networks with backprop, forward gradients or local learning (the paper's protocol: docs/reproducing.md).
 
 Cross-entropy, plain SGD at a constant step size (no momentum, no weight decay), early stopping on
 the validation loss. Every epoch appends a row to ``metrics.csv`` and then writes ``checkpoint.pt``;
@@ -108,6 +108,23 @@ class TrainConfig:
         """Whether a setting beyond the paper's shapes the activity tangents (guesses, per example, ...)."""
         return bool(self.variant or self.block_local or self.local_weight)
 
+    def _check_flags_used(self) -> None:
+        """ValueError naming the flags that the chosen gradient would silently ignore."""
+        activity_only = ["--per-example-tangents", "--block-local-tangents", "--local-weight"]
+        ignored = {
+            "bp": ["--guess", "--split-stacks", *activity_only],
+            "mezo": ["--sampler", "--guess", "--split-stacks", *activity_only],
+            "local": ["--perturbation weight", "--sampler", *activity_only],
+        }.get(self.gradient, ["--split-stacks", "--guess", *activity_only] if self.perturbation == "weight" else [])
+        given = {"--guess": self.guess is not None, "--per-example-tangents": self.per_example_tangents,
+                 "--split-stacks": self.split_stacks, "--block-local-tangents": self.block_local,
+                 "--local-weight": bool(self.local_weight), "--sampler": self.sampler != "normal",
+                 "--perturbation weight": self.perturbation == "weight"}
+        unused = [flag for flag in ignored if given[flag]]
+        if unused:
+            what = f"--gradient {self.gradient}" if self.gradient in ("bp", "mezo", "local") else "--perturbation weight"
+            raise ValueError(f"{what} does not use {', '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
+
     def check(self) -> None:
         """ValueError for any setting that cannot work, naming it. The estimator's own settings are checked
         by building it (its constructor's checks); what is left are the run's settings and the combinations
@@ -125,22 +142,7 @@ class TrainConfig:
         check_lr_schedule(self.lr_schedule)
         if self.lr_schedule != "constant" and self.optimizer == "line-search":
             raise ValueError("--optimizer line-search picks its own step sizes: drop --lr-schedule")
-        ignored = {
-            "bp": ["--guess", "--per-example-tangents", "--split-stacks", "--block-local-tangents", "--local-weight"],
-            "mezo": ["--sampler", "--guess", "--per-example-tangents", "--split-stacks", "--block-local-tangents",
-                     "--local-weight"],
-            "local": ["--perturbation weight", "--sampler", "--per-example-tangents", "--block-local-tangents",
-                      "--local-weight"],
-        }.get(self.gradient, ["--split-stacks"] if self.perturbation == "weight" else [])
-        given = {"--guess": self.guess is not None, "--per-example-tangents": self.per_example_tangents,
-                 "--split-stacks": self.split_stacks, "--block-local-tangents": self.block_local,
-                 "--local-weight": bool(self.local_weight), "--sampler": self.sampler != "normal",
-                 "--perturbation weight": self.perturbation == "weight"}
-        unused = [flag for flag in ignored if given[flag]]
-        if unused:
-            what = "--perturbation activity" if self.perturbation == "weight" and self.gradient not in (
-                "bp", "mezo", "local") else f"--gradient {self.gradient}"
-            raise ValueError(f"{what} does not use {', '.join(unused)}: drop {'it' if len(unused) == 1 else 'them'}")
+        self._check_flags_used()
         if self.gradient == "mezo" and self.optimizer == "sgd" and self.lr is None and self.lr_table is None:
             raise ValueError("--gradient mezo has no step-size table: give --lr (MeZO's SGD step sizes are about "
                              "1/n-scaled: 1e-7..1e-5 for OPT-13B; see benchmarks/studies/finetune.py for a scaled grid)")
@@ -395,40 +397,16 @@ def _resume(run: _Run, resume: bool, comm: Communicator | None) -> None:
 def _epoch(run: _Run, data: Dataset, comm: Communicator | None, progress: bool) -> tuple[dict[str, Any], bool]:
     """One epoch of training and its evaluation: the metrics row, and whether the run diverged."""
     config, state, optimizer = run.config, run.state, run.optimizer
-    batch_size = config.batch_size
-    assert batch_size is not None and config.lr is not None  # resolved in _setup
     epoch, start = state["epoch"] + 1, time.perf_counter()
-    steps_per_epoch = math.ceil(len(data.train) / batch_size)
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
-    total_loss, correct, seen, diverged = 0.0, 0, 0, False
-    run.model.train()
-    steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=run.device)
-    sent_before, step_count, passes_before = (comm.bytes_sent if comm else 0), 0, extra_forward_passes(optimizer)
-    for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
-                                        disable=not (progress and run.main_rank), leave=False)):
-        if config.lr_schedule != "constant":  # constant: the optimizer's step-size state is left alone
-            set_scheduled_lr(optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
-                             config.epochs * steps_per_epoch)
-        if comm is not None and comm.mode == "data":
-            if len(y) < comm.world:
-                continue  # too small to give every rank a sample (only ever a last partial batch)
-            shard = comm.shard(len(y))
-            comm.shard_weight = (shard.stop - shard.start) / len(y)
-            x, y = x[shard], y[shard]
-        try:
-            loss, right = _train_step(run.model, optimizer, run.estimator, x, y,
-                                      comm if comm and comm.mode == "data" else None)
-        except NonFiniteError as error:
-            run.log(f"stopped: {error}")
-            diverged = True
-            break
-        total_loss, correct, seen, step_count = total_loss + loss, correct + right, seen + len(y), step_count + 1
+    sent_before, passes_before = (comm.bytes_sent if comm else 0), extra_forward_passes(optimizer)
+    total_loss, correct, seen, step_count, diverged = _train_batches(run, data, comm, progress, epoch)
     bytes_per_step = (comm.bytes_sent - sent_before) / max(step_count, 1) if comm else None
     if comm is not None and comm.mode == "data":  # the epoch's training totals over all shards
         totals = comm.sum_over_ranks(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
         total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
-    val_loss, val_accuracy = evaluate(run.model, data.val, batch_size, run.device)
-    test_loss, test_accuracy = evaluate(run.model, data.test, batch_size, run.device)
+    assert config.batch_size is not None  # resolved in _setup
+    val_loss, val_accuracy = evaluate(run.model, data.val, config.batch_size, run.device)
+    test_loss, test_accuracy = evaluate(run.model, data.test, config.batch_size, run.device)
     if val_loss < state["best_val"]:
         state["best_val"], state["bad_epochs"] = val_loss, 0
     else:
@@ -444,6 +422,39 @@ def _epoch(run: _Run, data: Dataset, comm: Communicator | None, progress: bool) 
         "extra_forward_passes_per_step": (extra_forward_passes(optimizer) - passes_before) / max(step_count, 1),
     }
     return row, diverged
+
+
+def _train_batches(run: _Run, data: Dataset, comm: Communicator | None, progress: bool,
+                   epoch: int) -> tuple[float, int, int, int, bool]:
+    """The training steps of ``epoch`` (data order from the seed and the epoch; step sizes from the
+    schedule): (summed loss, correct predictions, examples seen, steps taken, whether the run diverged)."""
+    config = run.config
+    batch_size = config.batch_size
+    assert batch_size is not None and config.lr is not None  # resolved in _setup
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch))
+    total_loss, correct, seen, step_count = 0.0, 0, 0, 0
+    run.model.train()
+    steps = batches(data.train, batch_size, shuffle=True, generator=generator, device=run.device)
+    for index, (x, y) in enumerate(tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch}",
+                                        disable=not (progress and run.main_rank), leave=False)):
+        if config.lr_schedule != "constant":  # constant: the optimizer's step-size state is left alone
+            set_scheduled_lr(run.optimizer, config.lr, config.lr_schedule, (epoch - 1) * steps_per_epoch + index,
+                             config.epochs * steps_per_epoch)
+        if comm is not None and comm.mode == "data":
+            if len(y) < comm.world:
+                continue  # too small to give every rank a sample (only ever a last partial batch)
+            shard = comm.shard(len(y))
+            comm.shard_weight = (shard.stop - shard.start) / len(y)
+            x, y = x[shard], y[shard]
+        try:
+            loss, right = _train_step(run.model, run.optimizer, run.estimator, x, y,
+                                      comm if comm and comm.mode == "data" else None)
+        except NonFiniteError as error:
+            run.log(f"stopped: {error}")
+            return total_loss, correct, seen, step_count, True
+        total_loss, correct, seen, step_count = total_loss + loss, correct + right, seen + len(y), step_count + 1
+    return total_loss, correct, seen, step_count, False
 
 
 def _save(run: _Run, row: dict[str, Any]) -> None:
