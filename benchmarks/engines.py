@@ -49,7 +49,7 @@ LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
 GPT_VOCAB = 96
 IMAGE_SHAPE, IMAGE_CLASSES = (1, 28, 28), 10  # Fashion-MNIST, for resnet18 and vit
 DEFAULT_BATCH = {"mlp": 64, "gpt": 32, "resnet18": 64, "vit": 64}
-ACTIVITY_VARIANTS = {  # --perturbations name -> ForwardGradient options (SPEC 5)
+ACTIVITY_VARIANTS = {  # --perturbations name -> ForwardGradient options (docs/guides/closing-the-gap.md)
     "activity": {},
     "activity-per-example": {"per_example": True},
     "activity-guess": {"guess": True},

@@ -176,7 +176,8 @@ def plot(rows: list[dict[str, str]], centre: dict[str, int], path: Path) -> None
 
 
 def report(rows: list[dict[str, str]]) -> dict[str, float]:
-    """The centre setting's table with ratios; returns the issue's ratios (total and step memory)."""
+    """The centre setting's table with ratios; returns the summary ratios (total and step memory) that the
+    result line prints."""
     centre = {(r["method"], int(r["k"])): r for r in rows if r["sweep"] == "centre"}
     step = {m: float(r["step_mb"]) for m, r in centre.items()}
     total = {m: float(r["total_mb"]) for m, r in centre.items()}

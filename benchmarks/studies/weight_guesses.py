@@ -1,4 +1,4 @@
-"""Guesses under weight perturbation (issue 19, item 5): FC-1024 on Fashion-MNIST, one epoch, k = 16.
+"""Guesses under weight perturbation: FC-1024 on Fashion-MNIST, one epoch, k = 16.
 
 Weight perturbation shares each tangent across the batch, so a guess must live in weight space. For
 layer l with input x_l (B, in) and a guess gamma_l (B, out) of the gradient at its pre-activation, the
@@ -13,6 +13,7 @@ The estimate is frog's projection: with jvps d = V g, c = (V V^T)^+ d and estima
 autograd batch gradient, so the estimate is computed exactly as frog computes it from k jvps (the sim
 engine's way; true forward mode gives the same numbers up to rounding). Each estimator takes the best
 step size of --lrs for plain SGD, one epoch each; writes OUT/weight_guesses.csv and prints a table.
+Results: docs/reproducing.md, "Closing the gap".
 
     python benchmarks/studies/weight_guesses.py [--lrs 0.01 0.033 0.1 0.3 1] [--quick]
 """

@@ -1,4 +1,5 @@
-"""Block activities of a network: where activity perturbation adds its tangents (SPEC 2, protocol).
+"""Block activities of a network: where activity perturbation, the paper's choice for networks, adds its tangents
+(docs/guides/choosing.md, "Perturbation" and "Blocks").
 
 A network is cut into blocks; block b computes an output h_b, of shape (B, *features_b) for an
 output per sample or (*features_b) for one shared by the batch (a position embedding (T, C) that

@@ -1,4 +1,4 @@
-"""Aggregation of k jvps into one estimate (SPEC 1; DESIGN "One idea carries the library").
+"""Aggregation of k jvps into one estimate (the paper's Def. 2 and 5; the one idea of docs/architecture.md).
 
 Every estimator is a vector in span(V): an aggregation returns k coefficients c and the estimate is
 V^T c (tangents V stored k x n, jvps d = V grad f):
@@ -161,11 +161,12 @@ def _expected_chi(m: int) -> float:
 
 
 def scale_correction(method: str, num_tangents: int, dimension: int, mean_squared_norm: float) -> float:
-    """The authors' length correction factor (SPEC 1, "Length"); multiply the coefficients by it.
+    """The authors' length correction factor; multiply the coefficients by it.
 
     project: E[chi_n] / E[chi_k] (1 when k >= n). mean: 1 / (E|v|^2 c) with
     c = sqrt(2 / (pi n)) for k = 1 and c = sqrt((n + k) / (1 + k)) / n for k > 1. sum: the mean's
-    factor divided by k (sum = k mean, so both end at the same length).
+    factor divided by k (sum = k mean, so both end at the same length). It gives the estimate the
+    gradient's expected length (docs/guides/training-loop.md, "Optimizer notes").
     """
     check_method(method)
     k, n = num_tangents, dimension

@@ -1,4 +1,4 @@
-"""Known layers carry factored weight tangents without forming them (SPEC 4, DESIGN "Structured blocks").
+"""Known layers carry factored weight tangents without forming them (docs/guides/structured-tangents.md).
 
 For a Linear, Conv or Embedding whose weight W (viewed as m x n, :func:`~frog.layouts.matrix_shape`)
 has the tangent U^T V (U: (r, m), already divided by sqrt(r); V: (r, n)), the layer's output changes by

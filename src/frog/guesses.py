@@ -1,4 +1,5 @@
-"""Guess sources: per-example guesses of each block output's gradient, from local information (SPEC 5).
+"""Guess sources: per-example guesses of each block output's gradient, from local information
+(docs/guides/closing-the-gap.md).
 
 A guess gamma_{b,i} of grad_{h_b} l_i (block b's output, example i) becomes one tangent of the
 activity perturbation, in block b's part of the global tangent and zero elsewhere; the other tangents

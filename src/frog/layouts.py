@@ -1,8 +1,9 @@
-"""Block layouts: how the k tangents of one block are stored, and what follows from them (SPEC 4).
+"""Block layouts: how the k tangents of one block are stored, and what follows from them
+(docs/guides/structured-tangents.md).
 
 A :class:`~frog.tangents.TangentPlan` cuts the n coordinates into blocks (parameter tensors or
 block activities). Block b stores its k raw tangents W_b in a layout, and three things follow from
-every layout (DESIGN "Structured blocks"); they are all that aggregation and engines need:
+every layout, whatever its kind; they are all that aggregation and engines need:
 
 - its Gram contribution G_b = W_b W_b^T (k x k, float64), summed over blocks to G;
 - its estimate W_b^T c from the coefficients c (k,);
@@ -168,7 +169,8 @@ class LowRank:
 
 
 class PerExample:
-    """Independent tangent rows per example of a block activity (SPEC 5): stored (k, B, *shape).
+    """Independent tangent rows per example of a block activity (docs/guides/closing-the-gap.md): stored
+    (k, B, *shape).
 
     Row i holds one tangent per example, v_{i,1..B}; example j sees only its own v_{i,j}. So the
     Gram matrix is per example, G_j = sum_b V_{b,j} V_{b,j}^T (B, k, k), and so are the coefficients

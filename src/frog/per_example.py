@@ -1,4 +1,5 @@
-"""Activity tangents per example, masked at inactive ReLU units, and with guesses first (SPEC 5).
+"""Activity tangents per example, masked at inactive ReLU units, and with guesses first
+(docs/guides/closing-the-gap.md).
 
 The paper shares one tangent per block output across the batch. Here block b's tangents are
 V_b (k, B, *features_b), one independent row per example (:class:`~frog.layouts.PerExample`):

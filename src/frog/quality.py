@@ -1,4 +1,5 @@
-"""How well estimates approximate a known gradient (SPEC 2.1): cosine similarity and norm ratio.
+"""How well estimates approximate a known gradient: cosine similarity and norm ratio (the paper's Fig. 3;
+docs/reproducing.md, "Approximation quality (Fig. 3)").
 
 :func:`approximation_quality` evaluates every method on one shared draw of tangents, batched over
 samples; the Gram matrix is formed once for the largest k and sliced for the smaller ones (nested

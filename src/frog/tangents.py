@@ -1,4 +1,4 @@
-"""Tangent samplers (SPEC 1, "Tangent samplers").
+"""Tangent samplers (docs/guides/choosing.md, "The options of ForwardGradient", ``tangents``).
 
 Every sampler is split in two steps so that tangents can be generated block by block:
 
@@ -12,10 +12,11 @@ Every sampler is split in two steps so that tangents can be generated block by b
 Because V = T W, the jvps, the Gram matrix and the estimate transform without ever forming V:
 d_V = T d_W, G_V = T G T^T, and V^T c = W^T (T^T c).
 
-Structured samplers (SPEC 4) store a block's tangents in a :mod:`~frog.layouts` layout other than
-dense rows: ``lowrank`` gives every block of 2 or more dimensions tangents U_i V_i^T / sqrt(r)
-(k r (m + n) numbers instead of k m n), ``input-span`` draws their right factors inside the span
-of the inputs of the layer that uses the weight (set while the layer runs); vectors keep dense rows.
+Structured samplers (docs/guides/structured-tangents.md) store a block's tangents in a
+:mod:`~frog.layouts` layout other than dense rows: ``lowrank`` gives every block of 2 or more
+dimensions tangents U_i V_i^T / sqrt(r) (k r (m + n) numbers instead of k m n), ``input-span`` draws
+their right factors inside the span of the inputs of the layer that uses the weight (set while the
+layer runs); vectors keep dense rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from .layouts import Dense, Layout, LowRank, gram_of, matrix_shape
 
 KINDS = ("normal", "rademacher", "basis", "orthonormal", "angle", "lowrank", "input-span")
-STRUCTURED = ("lowrank", "input-span")  # kinds whose weight blocks are factored (SPEC 4)
+STRUCTURED = ("lowrank", "input-span")  # kinds whose weight blocks are factored (structured tangents)
 _MASK64 = (1 << 64) - 1
 
 
@@ -290,7 +291,7 @@ class TangentPlan:
         span: indices of the blocks whose right factors an engine draws in the span of a layer's
             inputs (``input-span``; :meth:`set_basis`).
         layouts: the blocks' layouts, instead of those of ``kind`` (:class:`~frog.layouts.PerExample`
-            blocks of activity tangents per example; SPEC 5).
+            blocks of activity tangents per example, docs/guides/closing-the-gap.md).
     """
 
     def __init__(

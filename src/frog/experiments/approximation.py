@@ -1,4 +1,7 @@
-"""Approximation quality (SPEC 2.1, Fig. 3; with angle tangents SPEC 2.3, Fig. 5 left)."""
+"""Approximation quality (the paper's Fig. 3; with angle tangents Fig. 5 left).
+
+Results: docs/reproducing.md, "Approximation quality (Fig. 3)" and "Tangents at a fixed angle (Fig. 5)".
+"""
 
 from __future__ import annotations
 

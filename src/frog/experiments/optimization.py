@@ -1,4 +1,7 @@
-"""Closed-form optimization (SPEC 2.2, Fig. 4; with angle tangents SPEC 2.3, Fig. 5)."""
+"""Closed-form optimization (the paper's Fig. 4; with angle tangents Fig. 5).
+
+Results: docs/reproducing.md, "Closed-form optimization (Fig. 4)" and "Tangents at a fixed angle (Fig. 5)".
+"""
 
 from __future__ import annotations
 

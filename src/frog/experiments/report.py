@@ -55,7 +55,7 @@ def _compare(a: float, b: float) -> int:
 
 
 def claims(approx: Sequence[Row], angles: Sequence[Row], summary: Sequence[Row]) -> list[tuple[str, object, str]]:
-    """(claim, holds, evidence) for each of the paper's claims (SPEC "Claims to reproduce").
+    """(claim, holds, evidence) for each of the paper's claims (docs/reproducing.md, "Claims of the paper").
 
     holds is True, False, or "partly" (better more often than worse, but mostly tied)."""
     out: list[tuple[str, object, str]] = []

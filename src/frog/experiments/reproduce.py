@@ -1,5 +1,5 @@
-"""``frog reproduce``: the paper's analysis experiments (SPEC 2.1-2.3), its network experiments
-(SPEC 2.4-2.5) and a REPORT.md.
+"""``frog reproduce``: the paper's analysis experiments (Sec. 4.1-4.3), its network experiments
+(Sec. 4.4-4.5) and a REPORT.md (docs/reproducing.md, "The paper's experiments").
 
 The full variant uses the paper's settings, with a 3-epoch slice of Table I (ResNet18 and ViT);
 ``quick`` cuts samples, dimensions, seeds and the Rosenbrock step budget, and runs ResNet18 and ViT
@@ -55,7 +55,7 @@ def table1_runs(epochs: int, images: int | None = None) -> tuple[NetworkRuns, ..
 
 
 FULL = Settings(
-    name="full", note="The paper's settings (SPEC 2.1-2.4); Table I (SPEC 2.5): ResNet18 and ViT on "
+    name="full", note="The paper's settings (Sec. 4.1-4.4); Table I (Sec. 4.5): ResNet18 and ViT on "
                       "Fashion-MNIST for 3 epochs, bp, fg-mean k = 16 and frog k = 16, seed 0, sim engine.",
     approx_dims=POWERS_OF_TWO, approx_samples=1000, angle_samples=1000,
     opt_dims=POWERS_OF_TWO, opt_tangents=[1, 2, 4, 16], opt_seeds=[0, 1, 2, 3, 4], angle_seeds=[0, 1, 2, 3, 4],

@@ -1,4 +1,4 @@
-"""Datasets as normalized tensors: load, split into train/val/test, normalize (SPEC 2, "Training protocol").
+"""Datasets as normalized tensors: load, split into train/val/test, normalize (docs/cli.md, "Training networks").
 
 Every loader returns a :class:`Dataset` of three :class:`Split` s, each holding images ``x`` of shape
 (N, C, H, W), float32, already normalized, and labels ``y`` of shape (N,), int64.

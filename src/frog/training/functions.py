@@ -1,4 +1,5 @@
-"""Closed-form test functions of the paper (SPEC 2.2), each with its start point and minimum.
+"""Closed-form test functions of the paper (Sec. 4.2; docs/reproducing.md, "Closed-form optimization"), each with
+its start point and minimum.
 
 All take x of shape (n,) and return a scalar:
 

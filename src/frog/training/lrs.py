@@ -106,9 +106,10 @@ def network_lr(model: str, width: int, dataset: str, method: str, k: int | None)
 
 def variant_lr(model: str, width: int, dataset: str, method: str, k: int | None, variant: str) -> tuple[float, str]:
     """Step size of an estimator the paper has no row for (``variant``: ``guess``, ``per-example`` or
-    ``guess+per-example``, SPEC 5): frog's own table ``tuned.csv`` (its ``source`` column holds the
-    tune's command; ``guess+per-example`` falls back to the ``guess`` row), else backprop's paper step
-    size with guesses (they give estimates of about the gradient's length) or the paper's own row."""
+    ``guess+per-example``, docs/guides/closing-the-gap.md): frog's own table ``tuned.csv`` (its ``source``
+    column holds the tune's command; ``guess+per-example`` falls back to the ``guess`` row), else
+    backprop's paper step size with guesses (they give estimates of about the gradient's length) or the
+    paper's own row."""
     row_model = model_row_name(model, width)
     for row_variant in dict.fromkeys([variant, "guess" if "guess" in variant else variant]):
         try:

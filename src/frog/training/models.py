@@ -46,7 +46,7 @@ from torch import nn
 
 MODELS = ("fc", "resmlp", "conv", "resnet18", "vit")
 
-# Sizes of the paper's ViT (SPEC 2.5).
+# Sizes of the paper's ViT (Sec. 4.5, Table I).
 VIT_DEPTH = 6
 VIT_HEADS = 4
 VIT_HIDDEN = 256

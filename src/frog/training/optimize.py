@@ -1,4 +1,5 @@
-"""Plain gradient descent on a function of one tensor, with exact or forward gradients (SPEC 2.2)."""
+"""Plain gradient descent on a function of one tensor, with exact or forward gradients (the paper's Sec. 4.2;
+docs/reproducing.md, "Closed-form optimization")."""
 
 from __future__ import annotations
 
