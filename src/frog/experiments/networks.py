@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..training.data import load_dataset, subset
 from ..training.results import Row
@@ -18,6 +19,10 @@ SUMMARY_COLUMNS = ["dataset", "model", "width", "method", "k", "seed", "epochs",
                    "test_accuracy", "seconds_per_epoch"]
 PAPER_APPROACHES = [("bp", None), ("fg-mean", 1), ("fg-mean", 2), ("fg-mean", 4), ("fg-mean", 16),
                     ("frog", 2), ("frog", 4), ("frog", 16)]
+PAPER_METHODS = ("bp", "fg-mean", "fg-sum", "frog")
+# beyond the paper: frog with guesses from local heads, and local learning with the same heads (its baseline)
+BEYOND_APPROACHES = [("frog-guess", 16), ("local", None)]
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {"frog-guess": {"gradient": "frog", "guess": "local"}}  # name -> settings
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,10 @@ def run_networks(runs: NetworkRuns, out: Path, log: Callable[[str], None] = prin
                 for seed in runs.seeds:
                     name = runs.folder(dataset, width, method, k, seed)
                     log(f"training {name}")
+                    options = METHOD_OPTIONS.get(method, {"gradient": method})
                     config = TrainConfig(model=runs.model, dataset=dataset, data_dir=runs.data_dir,
-                                         gradient=method, num_tangents=k or 1, engine=runs.engine,
-                                         epochs=runs.epochs, seed=seed, width=width or TrainConfig.width)
+                                         num_tangents=k or 1, engine=runs.engine, epochs=runs.epochs, seed=seed,
+                                         width=width or TrainConfig.width, **options)
                     rows = train(config, out / name, resume=True, progress=False, log=lambda s: None, data=data)
                     best = max(rows, key=lambda r: float(r["val_accuracy"]))
                     summary.append({

@@ -18,7 +18,7 @@ from ..training.functions import FUNCTIONS
 from ..training.plots import plot_approximation, plot_optimization
 from ..training.results import read_csv, write_csv
 from . import approximation, optimization
-from .networks import PAPER_APPROACHES, SUMMARY_COLUMNS, NetworkRuns, run_networks
+from .networks import BEYOND_APPROACHES, PAPER_APPROACHES, SUMMARY_COLUMNS, NetworkRuns, run_networks
 from .report import write_report
 
 ANGLES = [15.0, 30.0, 45.0, 60.0, 75.0, 90.0]
@@ -60,6 +60,7 @@ FULL = Settings(
     approx_dims=POWERS_OF_TWO, approx_samples=1000, angle_samples=1000,
     opt_dims=POWERS_OF_TWO, opt_tangents=[1, 2, 4, 16], opt_seeds=[0, 1, 2, 3, 4], angle_seeds=[0, 1, 2, 3, 4],
     networks=(NetworkRuns(["fashion-mnist"], [256, 1024, 4096], PAPER_APPROACHES, [0, 1, 2], epochs=200),
+              NetworkRuns(["fashion-mnist"], [256, 1024], BEYOND_APPROACHES, [0, 1, 2], epochs=200),
               *table1_runs(epochs=3)),
 )
 QUICK = Settings(
@@ -67,7 +68,8 @@ QUICK = Settings(
     note="Quick variant: approximation at n = 64 only, angle approximation with 300 samples; optimization "
          "for n in {4, 16, 64}, k in {1, 16}, seeds {0, 1}, angle optimization seed 0, Rosenbrock cut to 2500 steps; "
          "networks: FC-256 on digits for 20 epochs and on Fashion-MNIST for 2 epochs, bp, fg-mean k = 16 and "
-         "frog k = 16, seed 0, sim engine (the paper's simulation: the same gradients as forward mode where the "
+         "frog k = 16, seed 0, sim engine, and beyond the paper frog k = 16 with guesses from local heads and local "
+         "learning with the same heads on Fashion-MNIST (the paper's simulation: the same gradients as forward mode where the "
          "samples do not interact; ResNet18's BatchNorm in train mode couples them, see benchmarks/batchnorm.py); "
          f"ResNet18 and ViT on the first {QUICK_IMAGES} images of each Fashion-MNIST split for 1 epoch (4 steps): "
          "a check that they train, not Table I.",
@@ -75,6 +77,7 @@ QUICK = Settings(
     opt_dims=[4, 16, 64], opt_tangents=[1, 16], opt_seeds=[0, 1], angle_seeds=[0], steps={"rosenbrock": 2500},
     networks=(NetworkRuns(["digits"], [256], QUICK_APPROACHES, [0], epochs=20),
               NetworkRuns(["fashion-mnist"], [256], QUICK_APPROACHES, [0], epochs=2),
+              NetworkRuns(["fashion-mnist"], [256], BEYOND_APPROACHES, [0], epochs=2),
               *table1_runs(epochs=1, images=QUICK_IMAGES)),
 )
 
