@@ -12,13 +12,13 @@ them on a GPU machine.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import warnings
 
 import pytest
 import torch
 from conftest import lstsq_projection, rel_err
+from resume import assert_resume_is_identical
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,7 +27,7 @@ from frog.tangents import TangentPlan
 from frog.training import checkpoints
 from frog.training.data import batches, load_dataset
 from frog.training.models import make_model
-from frog.training.train import TrainConfig, train
+from frog.training.train import TrainConfig
 
 # FROG_TEST_DEVICE=cpu runs the same tests on the CPU (benchmarks/gpu_check.sh --dry-run)
 DEVICE = torch.device(os.environ.get("FROG_TEST_DEVICE", "cuda"))
@@ -206,13 +206,5 @@ def test_batches_on_cuda():
 def test_resume_on_cuda_equals_uninterrupted(tmp_path):
     config = TrainConfig(model="fc", width=64, dataset="digits", gradient="frog", num_tangents=16, lr=0.3,
                          batch_size=16, epochs=2, device=str(DEVICE))
-    quiet = {"progress": False, "log": lambda s: None}
-    straight = train(config, tmp_path / "a", **quiet)
-    train(TrainConfig(**{**config.__dict__, "epochs": 1}), tmp_path / "b", **quiet)
-    saved = json.loads((tmp_path / "b" / "config.json").read_text())
-    saved["config"]["epochs"] = 2  # the interrupted run was asked for 2 epochs
-    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
-    resumed = train(config, tmp_path / "b", resume=True, **quiet)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop(resumed) == drop(straight)
+    straight, _ = assert_resume_is_identical(config, tmp_path)  # rows, model, optimizer, CPU and CUDA random state
     assert float(straight[-1]["test_accuracy"]) > 0.2  # chance is 0.1

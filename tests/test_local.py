@@ -251,3 +251,39 @@ def test_cli_local_learning(tmp_path, capsys):
     assert main(["train", "--model", "resmlp", "--dataset", "digits", "--gradient", "bp", "--out",
                  str(tmp_path / "d")]) == 2
     assert "give --lr" in capsys.readouterr().err
+
+
+def test_first_order_top_down_guesses_are_the_expansion_in_the_branch_jacobians():
+    """order=1: block b's guess is g_top + sum_{b < j < L} (J_j - I)^T g_top, each J_j the Jacobian of block j
+    (torch.autograd.functional.jacobian, per example), and it is closer to the true per-example gradient than
+    g_top alone when the branches are small."""
+    torch.manual_seed(0)
+    model = make_model("resmlp", (1, 1, 5), 3, width=6, depth=4).double()
+    with torch.no_grad():
+        for block in list(model)[1:-1]:
+            block.outer.weight.mul_(0.1)
+    x, y = batch()
+    blocks = list(model)
+    h, inputs, outputs = x, [], []
+    for block in blocks:
+        inputs.append(h.detach().requires_grad_())
+        h = block(inputs[-1])
+        outputs.append(h)
+    losses = F.cross_entropy(h, y, reduction="none")
+    top = inputs[-1]
+    (stream,) = torch.autograd.grad(losses.sum(), top, retain_graph=True)
+    rows = TopDown(order=1).guesses(outputs, y, losses, inputs=inputs)
+    chained, h = [], x
+    for block in blocks:
+        h = block(h)
+        chained.append(h)
+    true = torch.autograd.grad(F.cross_entropy(h, y, reduction="sum"), chained[:-1])
+    for b in range(len(blocks) - 1):
+        want = stream.clone()
+        for j in range(b + 1, len(blocks) - 1):
+            for i in range(7):  # per example: the block maps each row alone
+                jac = torch.autograd.functional.jacobian(lambda row, j=j: blocks[j](row[None])[0], inputs[j][i].detach())
+                want[i] += (jac - torch.eye(6, dtype=F64)).T @ stream[i]
+        torch.testing.assert_close(rows[b], want)
+        if b < len(blocks) - 2:
+            assert (rows[b] - true[b]).norm() < 0.3 * (stream - true[b]).norm()

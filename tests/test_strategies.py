@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import autograd_grad, gen
+from resume import assert_resume_is_identical
 
 from frog import ForwardGradient
 from frog.training.optimize import gradient_descent
@@ -106,19 +107,12 @@ def test_optimizer_errors_say_what_to_change():
 @pytest.mark.parametrize("optimizer", ["line-search", "normalized", "adam"])
 def test_train_with_each_strategy_resumes_exactly(tmp_path, optimizer):
     """Two epochs straight equal one epoch plus a resumed one (the strategy's state is checkpointed)."""
-    from frog.training.train import TrainConfig, train
+    from frog.training.train import TrainConfig
 
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", num_tangents=4, engine="sim",
                          epochs=2, optimizer=optimizer, seed=1)
-    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
-
-    def interrupt(row):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):  # killed after epoch 1 (its row and checkpoint written)
-        train(config, tmp_path / "b", progress=False, log=lambda s: None, on_epoch=interrupt)
-    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    assert [r["val_loss"] for r in resumed] == [r["val_loss"] for r in straight]
+    # killed after epoch 1 (its row and checkpoint written), then resumed: rows, model and optimizer state agree
+    straight, _ = assert_resume_is_identical(config, tmp_path, stop="on_epoch")
     passes = float(straight[-1]["extra_forward_passes_per_step"])
     assert passes >= 2 if optimizer == "line-search" else passes == 0
     assert float(straight[-1]["val_loss"]) < float(straight[0]["train_loss"]) + 1.0

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from resume import assert_resume_is_identical
 from torch import nn
 
 import frog
@@ -262,69 +263,53 @@ def test_frog_trains_fc_on_digits_above_chance(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     config = TrainConfig(model="fc", width=32, dataset="digits", gradient="fg-mean", num_tangents=4, lr=0.05,
                          batch_size=32, epochs=3)
-    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
-    first = TrainConfig(**{**config.__dict__, "epochs": 3})
-    # interrupt after epoch 1: train 1 epoch, then resume the same settings
-    train(TrainConfig(**{**first.__dict__, "epochs": 1}), tmp_path / "b", progress=False, log=lambda s: None)
-    saved = json.loads((tmp_path / "b" / "config.json").read_text())
-    saved["config"]["epochs"] = 3  # the interrupted run was asked for 3 epochs
-    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
-    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop(resumed) == drop(straight)
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_resume_is_identical(config, tmp_path)  # interrupted after epoch 1
 
 
 def test_cosine_schedule_sets_every_steps_size_and_resumes_exactly(tmp_path, monkeypatch):
     """--lr-schedule cosine: step t of T takes lr (1 + cos(pi t / T)) / 2, across epochs and a resume."""
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.2, batch_size=256, epochs=3,
                          lr_schedule="cosine")
-    seen = []
+    seen, before_resume = [], []
     step = torch.optim.SGD.step
 
     def recording_step(self, *args, **kwargs):
         seen.append(self.param_groups[0]["lr"])
         return step(self, *args, **kwargs)
 
+    def split(folder):
+        before_resume.extend(seen)
+        seen.clear()
+
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
-    straight = train(config, tmp_path / "a", progress=False, log=lambda s: None)
-    per_epoch = len(seen) // 3
+    # killed after epoch 1's checkpoint (on_epoch raises), then resumed
+    assert_resume_is_identical(config, tmp_path, stop="on_epoch", before_resume=split)
+    # before the resume: the straight run's 3 epochs and the interrupted run's first; the resume: epochs 2 and 3
+    per_epoch = len(seen) // 2
     total = 3 * per_epoch
-    assert len(seen) == total and per_epoch > 1
-    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * t / total)) for t in range(total)], rel=1e-12)
-    class Interrupted(Exception):
-        pass
-
-    def stop(row):
-        raise Interrupted
-
-    with pytest.raises(Interrupted):  # killed after epoch 1's checkpoint
-        train(config, tmp_path / "b", progress=False, log=lambda s: None, on_epoch=stop)
-    seen.clear()
-    resumed = train(config, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    assert seen == pytest.approx([0.1 * (1 + math.cos(math.pi * t / total)) for t in range(per_epoch, total)], rel=1e-12)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert drop(resumed) == drop(straight)
+    assert len(seen) == 2 * per_epoch and len(before_resume) == total + per_epoch and per_epoch > 1
+    schedule = [0.1 * (1 + math.cos(math.pi * t / total)) for t in range(total)]
+    assert before_resume == pytest.approx(schedule + schedule[:per_epoch], rel=1e-12)
+    assert seen == pytest.approx(schedule[per_epoch:], rel=1e-12)
 
 
 @pytest.mark.parametrize("sampler", ["lowrank", "input-span"])
 def test_structured_tangents_train_and_resume_from_the_cli(tmp_path, sampler):
     args = ["train", "--model", "fc", "--width", "16", "--dataset", "digits", "--gradient", "frog", "-k", "4",
             "--perturbation", "weight", "--sampler", sampler, "--rank", "2", "--lr", "1.0", "--seed", "1"]
-    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
-    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
-    saved = json.loads((tmp_path / "b" / "config.json").read_text())
-    assert (saved["config"]["sampler"], saved["config"]["rank"]) == (sampler, 2)
-    saved["config"]["epochs"] = 2  # the interrupted run was asked for 2 epochs
-    (tmp_path / "b" / "config.json").write_text(json.dumps(saved))
-    assert main([*args, "--epochs", "2", "--resume", "--out", str(tmp_path / "b")]) == 0
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    config = TrainConfig(model="fc", width=16, dataset="digits", gradient="frog", num_tangents=4,
+                         perturbation="weight", sampler=sampler, rank=2, lr=1.0, seed=1, epochs=2)
+
+    def run_cli(config, folder, *, resume=False):
+        assert main([*args, "--epochs", str(config.epochs), *(["--resume"] if resume else []), "--out",
+                     str(folder)]) == 0
+
+    def check_settings(folder):
+        saved = json.loads((folder / "config.json").read_text())
+        assert (saved["config"]["sampler"], saved["config"]["rank"], saved["config"]["epochs"]) == (sampler, 2, 2)
+
+    assert_resume_is_identical(config, tmp_path, run=run_cli, before_resume=check_settings)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
     torch.manual_seed(1)  # the run's initial weights: the structured estimates moved them
     initial = make_model("fc", (1, 8, 8), 10, width=16).state_dict()
     assert all(a[name].shape == initial[name].shape and not torch.equal(a[name], initial[name]) for name in a)

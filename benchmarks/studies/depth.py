@@ -74,6 +74,10 @@ VARIANTS = {  # the levers of frog beyond its guesses (--rows)
     "frog-both": ({**FROG, "guess": "topdown+local"}, "2L"),  # top-down and head guesses on the stream blocks
     "frog-both-kG": ({**FROG, "guess": "topdown+local"}, "G"),  # the same, guesses only
     "frog-blocklocal": ({**FROG, "block_local": True}, "16"),  # each random tangent inside one block
+    "topdown1": ({"gradient": "local", "guess": "topdown1"}, None),  # first-order top-down guesses, used directly
+    "frog-topdown1": ({**FROG, "guess": "topdown1"}, "16"),
+    "frog-topdown1-kL": ({**FROG, "guess": "topdown1"}, "L"),
+    "frog-both1": ({**FROG, "guess": "topdown1+local"}, "2L"),
 }
 COLUMNS = ["setting", "depth", "row", "k", "lr", "seed", "epochs", "test_accuracy", "val_accuracy",
            "test_by_epoch", "seconds_per_epoch", "diverged"]

@@ -166,8 +166,8 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                    help="guessed tangents (activity): the first L of the k tangents are per-example guesses of the "
                         "block outputs' gradients: local, from a small auxiliary head per hidden block and the loss's "
                         "own gradient at the last (default lr: backprop's); topdown, the gradient at the last block's "
-                        "input for every block of that shape (a residual stream), heads elsewhere; topdown+local, "
-                        "both on the stream's blocks. With --gradient local: the guesses used directly as the "
+                        "input for every block of that shape (a residual stream), heads elsewhere; topdown1, the same "
+                        "with the first-order terms of the blocks above; topdown+local, both on the stream's blocks. With --gradient local: the guesses used directly as the "
                         "blocks' gradients (default: local)")
     p.add_argument("--block-local-tangents", action="store_true",
                    help="activity perturbation: each random tangent lives in one block (row j in block j mod L)")

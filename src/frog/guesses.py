@@ -296,6 +296,13 @@ class TopDown(GuessSource):
     a ResNet before the last) get ``fallback``'s guess (e.g. :class:`LocalHeads`, whose heads are then
     built and trained for those blocks only), or none.
 
+    ``order=1`` adds the first-order terms of the blocks above: a residual block j maps x_j to
+    h_j = x_j + f_j(x_j), so the true gradient at block b's output is
+    (I + J_{b+1})^T ... (I + J_{L-1})^T g_top, J_j the Jacobian of block j's branch, and to first order
+    g_top + sum_{j > b} J_j^T g_top. Each J_j^T g_top = (dh_j/dx_j)^T g_top - g_top is one backward product
+    inside block j alone with the shared vector g_top (no chain through the network: every block's
+    product is independent of the others'), for the blocks whose input and output have the stream's shape.
+
     Example::
 
         fg = ForwardGradient(16, perturbation="activity", guess=TopDown(LocalHeads(10)))
@@ -303,11 +310,13 @@ class TopDown(GuessSource):
 
     needs_inputs = True
 
-    def __init__(self, fallback: GuessSource | None = None) -> None:
+    def __init__(self, fallback: GuessSource | None = None, order: int = 0) -> None:
         if fallback is not None and not (isinstance(fallback, GuessSource) and fallback.streams):
             raise ValueError("TopDown's fallback gives guesses block by block: use LocalHeads(num_classes) or None, "
                              f"got {type(fallback).__name__}")
-        self.fallback = fallback
+        if order not in (0, 1):
+            raise ValueError(f"TopDown's order is 0 (g_top) or 1 (g_top and the blocks' first-order terms), got {order!r}")
+        self.fallback, self.order = fallback, order
 
     def guesses(self, outputs, targets, losses, **kwargs):
         inputs = kwargs.get("inputs")
@@ -316,16 +325,31 @@ class TopDown(GuessSource):
             raise ValueError("TopDown needs the last block's input as a leaf that takes gradients (inputs=...)")
         top = inputs[last]
         (stream,) = torch.autograd.grad(losses.sum(), top, retain_graph=True)
-        rows: list[torch.Tensor | None] = [None] * len(outputs)
+        above = self._first_order_terms(outputs, inputs, stream) if self.order else [None] * len(outputs)
+        rows: list[GuessEntry] = [None] * len(outputs)
         for b, h in enumerate(outputs[:last]):
             if h.shape == top.shape:
-                rows[b] = stream
+                rows[b] = stream if above[b] is None else stream + above[b]
             elif self.fallback is not None:
                 rows[b] = self.fallback.block_guess(b, h, targets)
         rows[last] = output_gradient(losses, outputs[last])
         if self.fallback is not None:
             self.fallback.end_step()
         return rows
+
+    @staticmethod
+    def _first_order_terms(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                           stream: torch.Tensor) -> list[torch.Tensor | None]:
+        """sum_{b < j < L} J_j^T g_top for each block b (None where the sum is empty)."""
+        terms: list[torch.Tensor | None] = [None] * len(outputs)
+        total: torch.Tensor | None = None
+        for j in range(len(outputs) - 2, -1, -1):  # from the block under the last one down
+            terms[j] = total
+            x, h = inputs[j], outputs[j]
+            if x.requires_grad and x.shape == h.shape == stream.shape and h.requires_grad:
+                (back,) = torch.autograd.grad(h, x, stream, retain_graph=True)
+                total = back - stream if total is None else total + (back - stream)
+        return terms
 
     def state_dict(self) -> dict[str, Any]:
         return self.fallback.state_dict() if self.fallback is not None else {}

@@ -58,8 +58,9 @@ RESUMABLE_CHANGES = ("tangent_budget_mb",)  # may differ on resume: memory use, 
 TRAIN_SAMPLERS = ("normal", "rademacher", *STRUCTURED)
 # local: LocalHeads, auxiliary heads on hidden blocks and the loss's own gradient on the last; topdown: TopDown,
 # the gradient at the last block's input for the blocks of that shape (a residual stream), heads elsewhere;
-# topdown+local: both guesses on the stream's blocks (Combined), heads elsewhere
-GUESSES = ("local", "topdown", "topdown+local")
+# topdown1: the same with the first-order terms of the blocks above; X+local: both guesses on the stream's
+# blocks (Combined), heads elsewhere
+GUESSES = ("local", "topdown", "topdown1", "topdown+local", "topdown1+local")
 RENAMED = {"tangents": "num_tangents"}  # config.json keys of older frog versions
 
 
@@ -184,11 +185,11 @@ def guess_source(config: TrainConfig, num_classes: int) -> GuessSource | None:
         return None
     heads = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
                        tokens=config.head_tokens)
-    if config.guess == "topdown":
-        return TopDown(heads)
-    if config.guess == "topdown+local":
-        return Combined(TopDown(), heads)
-    return heads
+    if config.guess in (None, "local"):
+        return heads
+    top, _, with_heads = config.guess.partition("+")
+    order = 1 if top == "topdown1" else 0
+    return Combined(TopDown(order=order), heads) if with_heads else TopDown(heads, order=order)
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
