@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from resume import assert_resume_is_identical
+from resume import assert_resume_is_identical, assert_same_run
 from torch import nn
 
 import frog.training.train
 from frog.cli import main
 from frog.errors import CheckpointError
 from frog.training import checkpoints
+from frog.training.results import read_csv, write_csv
 from frog.training.train import TrainConfig, train
 
 QUIET = {"progress": False, "log": lambda s: None}
@@ -106,3 +108,30 @@ def test_resume_restores_the_random_state_of_dropout(tmp_path, monkeypatch):
     monkeypatch.setattr(frog.training.train, "make_model", with_dropout)
     config = TrainConfig(model="fc", width=16, dataset="digits", gradient="bp", lr=0.1, batch_size=32, epochs=2)
     assert_resume_is_identical(config, tmp_path)  # the model, and the random state the dropout draws from
+
+
+def test_the_resume_check_sees_any_difference(tmp_path):
+    """tests/resume.py's comparison: two runs of the same settings agree; one changed bit of a checkpoint
+    tensor, one changed plain value or one changed metric fails it, naming the entry; seconds do not."""
+    for name in ("a", "b"):
+        train(BP, tmp_path / name, **QUIET)
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    path = tmp_path / "b" / "checkpoint.pt"
+    saved = checkpoints.load(path)
+    name = next(iter(saved["model"]))
+    weight = saved["model"][name].view(-1)
+    weight[0] = torch.nextafter(weight[0], torch.tensor(math.inf))  # one unit in the last place
+    torch.save(saved, path)
+    with pytest.raises(AssertionError, match=rf"model\['{name}'\]: values differ"):
+        assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert_same_run(tmp_path / "a", tmp_path / "b", compare=("optimizer", "state", "rng"))
+    saved["state"]["bad_epochs"] += 1
+    torch.save(saved, path)
+    with pytest.raises(AssertionError, match=r"state\['bad_epochs'\]: 0 vs 1"):
+        assert_same_run(tmp_path / "a", tmp_path / "b", compare=("state",))
+    header, rows = read_csv(tmp_path / "b" / "metrics.csv")
+    write_csv(tmp_path / "b" / "metrics.csv", header, [{**rows[0], "seconds": "1e9"}])
+    assert_same_run(tmp_path / "a", tmp_path / "b", compare=())
+    write_csv(tmp_path / "b" / "metrics.csv", header, [{**rows[0], "val_loss": "0.5"}])
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "a", tmp_path / "b", compare=())
