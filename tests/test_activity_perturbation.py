@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import frog
-from frog.guesses import Combined, GuessSource, LocalHeads
+from frog.guesses import Combined, GuessSource, LocalHeads, SplitGuesses
 from frog.per_example import MaskCheck
 from frog.tangents import TangentPlan
 
@@ -168,3 +168,20 @@ def test_options_reach_the_estimator_from_the_strategy_object():
     assert fg.strategy is strategy and fg.perturbation == "activity" and fg.loss_contract == "per-sample"
     with pytest.raises(ValueError, match="carries its own options"):
         frog.ForwardGradient(4, perturbation=strategy, per_example=True)
+
+
+def test_split_guesses_fit_one_coefficient_per_part():
+    """SplitGuesses(A, 2) and k = the number of parts (no random rows): block b's estimate is
+    sum_p c_p a_{b,p} with c_p = <g_{b,p}, a_{b,p}> / |a_{b,p}|^2 over the two contiguous halves of its features."""
+    model, (x, y) = linear_chain(), one_example()
+    source = Fixed(10)
+    fg = frog.ForwardGradient(6, engine="sim", perturbation="activity", guess=SplitGuesses(source, 2), relu_mask=False)
+    fg.fill_grad(model, losses(x, y), targets=y)
+    guesses = source.guesses([torch.zeros(1, s, dtype=F64) for s in SIZES[1:]], y, None)
+    for block, (got, g) in enumerate(zip(estimated_output_gradients(model, x), true_output_gradients(model, x, y),
+                                         strict=True)):
+        a, half = guesses[block][0], (SIZES[block + 1] + 1) // 2
+        want = torch.cat([projection(a[None, :half], g[:half]), projection(a[None, half:], g[half:])])
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="pieces must be an integer >= 1"):
+        SplitGuesses(source, 0)

@@ -59,7 +59,8 @@ SETTINGS = {
     "vit": {"model": "vit", "head_tokens": "first"},
 }
 FROG = {"gradient": "frog", "engine": "sim", "guess": "local"}
-ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (max(16, 2 L + 4)), "G" (2 L - 1), or None)
+ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (max(16, 2 L + 4)), "G" (2 L - 1),
+# "4L" (four parts of one guess per block), or None)
     "bp": ({"gradient": "bp"}, None),
     "local": ({"gradient": "local"}, None),
     "frog": (FROG, "16"),
@@ -78,6 +79,8 @@ VARIANTS = {  # the levers of frog beyond its guesses (--rows)
     "frog-topdown1": ({**FROG, "guess": "topdown1"}, "16"),
     "frog-topdown1-kL": ({**FROG, "guess": "topdown1"}, "L"),
     "frog-both1": ({**FROG, "guess": "topdown1+local"}, "2L"),
+    "frog-topdown1-split4": ({**FROG, "guess": "topdown1", "guess_pieces": 4}, "4L"),  # 4 coefficients per guess
+    "frog-split4": ({**FROG, "guess_pieces": 4}, "4L"),  # the head guesses in 4 parts
 }
 COLUMNS = ["setting", "depth", "row", "k", "lr", "seed", "epochs", "test_accuracy", "val_accuracy",
            "test_by_epoch", "seconds_per_epoch", "diverged"]
@@ -104,7 +107,8 @@ def config_of(setting: str, row: str, lr: float, seed: int, epochs: int, data: D
         config = replace(config, split_stacks=False)  # backprop has no blocks
     if k_rule is not None:
         blocks = num_blocks(config, data)
-        k = {"L": blocks, "16": max(16, blocks + 4), "2L": max(16, 2 * blocks + 4), "G": 2 * blocks - 1}[k_rule]
+        k = {"L": blocks, "16": max(16, blocks + 4), "2L": max(16, 2 * blocks + 4), "G": 2 * blocks - 1,
+             "4L": 4 * blocks}[k_rule]
         config = replace(config, num_tangents=k)
     return config
 

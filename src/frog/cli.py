@@ -169,6 +169,9 @@ def _train_options(p: argparse.ArgumentParser, tune: bool = False) -> None:
                         "input for every block of that shape (a residual stream), heads elsewhere; topdown1, the same "
                         "with the first-order terms of the blocks above; topdown+local, both on the stream's blocks. With --gradient local: the guesses used directly as the "
                         "blocks' gradients (default: local)")
+    p.add_argument("--guess-pieces", type=int, default=d.guess_pieces,
+                   help="with --guess: cut each guess into this many parts along its features, one tangent each, so "
+                        "that frog fits one coefficient per part")
     p.add_argument("--block-local-tangents", action="store_true",
                    help="activity perturbation: each random tangent lives in one block (row j in block j mod L)")
     p.add_argument("--local-weight", type=float, default=d.local_weight,
@@ -229,7 +232,7 @@ def _train(args: argparse.Namespace) -> None:
         epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, seed=args.seed, device=args.device,
         tangent_budget_mb=args.tangent_budget_mb, optimizer=args.optimizer, lr_table=args.lr_table,
         lr_schedule=args.lr_schedule, guess=args.guess, per_example_tangents=args.per_example_tangents,
-        block_local=args.block_local_tangents, local_weight=args.local_weight,
+        block_local=args.block_local_tangents, local_weight=args.local_weight, guess_pieces=args.guess_pieces,
         head_lr=args.head_lr, head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps,
     )
     communicator = None
@@ -301,6 +304,7 @@ def _tune(args: argparse.Namespace) -> None:
                        lr_schedule=args.lr_schedule, guess=args.guess,
                        per_example_tangents=args.per_example_tangents, head_lr=args.head_lr,
                        block_local=args.block_local_tangents, local_weight=args.local_weight,
+                       guess_pieces=args.guess_pieces,
                        head_channels=args.head_channels, head_tokens=args.head_tokens, mezo_eps=args.mezo_eps)
         settings = tune.train_settings(base, args.width, args.gradient, args.tangents)
     out = prepare_out_dir(args.out)

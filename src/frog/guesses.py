@@ -18,6 +18,7 @@ use the block's output, the targets and the loss's graph after the last block.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -393,3 +394,46 @@ class Combined(GuessSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for i, source in enumerate(self.sources):
             source.load_state_dict(state.get(str(i), {}))
+
+
+class SplitGuesses(GuessSource):
+    """Each of ``source``'s guesses cut into ``pieces`` parts along its features (flattened per example,
+    contiguous runs; for tokens (B, T, C): runs of tokens), one tangent each, zero outside its part.
+
+    frog's projection then fits one coefficient per part instead of one per guess,
+    c_{b,p} = <g_{b,p}, gamma_{b,p}> / |gamma_{b,p}|^2, so it corrects how the guess's length is spread over
+    the features: the span holds the whole guess, so the estimate is at least as close to the true gradient
+    as with the whole guess (and exact as the parts become single features). A block's direct use (local
+    learning) is the whole guess: use ``source`` itself there.
+    """
+
+    def __init__(self, source: GuessSource, pieces: int) -> None:
+        if not isinstance(source, GuessSource):
+            raise ValueError(f"SplitGuesses splits a guess source's guesses, got {type(source).__name__}")
+        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
+            raise ValueError(f"pieces must be an integer >= 1, got {pieces!r}")
+        self.source, self.pieces, self.needs_inputs = source, pieces, source.needs_inputs
+
+    def guesses(self, outputs, targets, losses, **kwargs):
+        rows: list[GuessEntry] = []
+        for entry in self.source.guesses(outputs, targets, losses, **kwargs):
+            given = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
+            parts = [part for guess in given for part in self._split(guess)]
+            rows.append(tuple(parts) if parts else None)
+        return rows
+
+    def _split(self, guess: torch.Tensor) -> list[torch.Tensor]:
+        flat = guess.flatten(1)
+        bounds = torch.linspace(0, flat.shape[1], min(self.pieces, flat.shape[1]) + 1).round().long().tolist()
+        parts = []
+        for start, stop in itertools.pairwise(bounds):
+            part = torch.zeros_like(flat)
+            part[:, start:stop] = flat[:, start:stop]
+            parts.append(part.reshape(guess.shape))
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)

@@ -28,7 +28,7 @@ from ..checks import check_choice, check_int, check_positive
 from ..distributed import Communicator
 from ..engines import DEFAULT_TANGENT_BUDGET_MB
 from ..errors import CheckpointError, NonFiniteError
-from ..guesses import Combined, GuessSource, LocalHeads, TopDown
+from ..guesses import Combined, GuessSource, LocalHeads, SplitGuesses, TopDown
 from ..interface import PER_SAMPLE, GradientEstimator
 from ..local import LocalLearning
 from ..mezo import MeZO
@@ -94,6 +94,7 @@ class TrainConfig:
     per_example_tangents: bool = False
     block_local: bool = False
     local_weight: float = 0.0
+    guess_pieces: int = 1
     head_lr: float = 0.1
     head_channels: int = 0
     head_tokens: str = "mean"
@@ -117,6 +118,8 @@ class TrainConfig:
             "mezo": ["--sampler", "--guess", "--split-stacks", *activity_only],
             "local": ["--perturbation weight", "--sampler", *activity_only],
         }.get(self.gradient, ["--split-stacks", "--guess", *activity_only] if self.perturbation == "weight" else [])
+        if self.guess_pieces != 1 and (self.guess is None or self.gradient == "local"):
+            raise ValueError("--guess-pieces cuts the guesses into tangents: use it with --guess and a forward gradient")
         given = {"--guess": self.guess is not None, "--per-example-tangents": self.per_example_tangents,
                  "--split-stacks": self.split_stacks, "--block-local-tangents": self.block_local,
                  "--local-weight": bool(self.local_weight), "--sampler": self.sampler != "normal",
@@ -136,7 +139,7 @@ class TrainConfig:
         check_choice("sampler", self.sampler, TRAIN_SAMPLERS)
         if self.guess is not None:
             check_choice("guess", self.guess, GUESSES)
-        for name in ("epochs", "width", "depth", "patience"):
+        for name in ("epochs", "width", "depth", "patience", "guess_pieces"):
             check_int(name, getattr(self, name), 1)
         check_int("batch size", self.batch_size, 1, optional=True)
         check_strategy(self.optimizer)
@@ -185,11 +188,12 @@ def guess_source(config: TrainConfig, num_classes: int) -> GuessSource | None:
         return None
     heads = LocalHeads(num_classes, lr=config.head_lr, seed=config.seed, hidden_channels=config.head_channels,
                        tokens=config.head_tokens)
-    if config.guess in (None, "local"):
-        return heads
-    top, _, with_heads = config.guess.partition("+")
-    order = 1 if top == "topdown1" else 0
-    return Combined(TopDown(order=order), heads) if with_heads else TopDown(heads, order=order)
+    source: GuessSource = heads
+    if config.guess not in (None, "local"):
+        top, _, with_heads = config.guess.partition("+")
+        order = 1 if top == "topdown1" else 0
+        source = Combined(TopDown(order=order), heads) if with_heads else TopDown(heads, order=order)
+    return SplitGuesses(source, config.guess_pieces) if config.guess_pieces > 1 else source
 
 
 def resolve(config: TrainConfig) -> tuple[TrainConfig, str]:
