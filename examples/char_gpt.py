@@ -7,6 +7,8 @@ carries in /usr/share/common-licenses/GPL-3 (any text file works: --text).
 
     python examples/char_gpt.py --gradient bp --steps 200
     python examples/char_gpt.py --gradient frog --perturbation activity --engine jvp --steps 200
+    python examples/char_gpt.py --gradient frog --guess local --steps 200      # guesses from token heads
+    python examples/char_gpt.py --gradient local --steps 200                   # local learning, the same heads
 
 frog needs no change to the model: the forward-mode engines run SDPA through frog's attention
 (it has a jvp rule), and activity perturbation finds the blocks itself (print them with
@@ -108,7 +110,12 @@ def batch(data: torch.Tensor, size: int, context: int, generator: torch.Generato
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="char-level GPT with AdamW, backprop or frog")
     parser.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
-    parser.add_argument("--gradient", choices=["bp", "frog"], default="frog")
+    parser.add_argument("--gradient", choices=["bp", "frog", "local"], default="frog",
+                        help="local: each block trained by its token head's loss (frog.LocalLearning)")
+    parser.add_argument("--guess", choices=["none", "local", "topdown", "topdown1"], default="none",
+                        help="activity guesses: token heads (LocalHeads), the gradient at the top of the residual "
+                             "stream (TopDown), or that with its first-order terms; --gradient local uses them directly")
+    parser.add_argument("--depth", type=int, default=2, help="transformer blocks")
     parser.add_argument("--perturbation", choices=["weight", "activity"], default="activity")
     parser.add_argument("--engine", choices=frog.ENGINES, default="jvp")
     parser.add_argument("-k", "--tangents", type=int, default=16)
@@ -126,10 +133,16 @@ def training(args: argparse.Namespace) -> Iterator[dict]:
     torch.manual_seed(args.seed)
     data, vocab = load_text(args.text)
     held_out = len(data) * 9 // 10  # the last tenth of the text measures the loss
-    model = GPT(vocab, context=args.context)
+    model = GPT(vocab, context=args.context, depth=args.depth)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    fg = frog.ForwardGradient(args.tangents, engine=args.engine, perturbation=args.perturbation, seed=args.seed)
-    if args.gradient == "frog" and args.perturbation == "activity":
+    heads = frog.LocalHeads(vocab, seed=args.seed)  # one per token block: next-character logits per token
+    guess = {"none": None, "local": heads, "topdown": frog.TopDown(heads), "topdown1": frog.TopDown(heads, order=1)}
+    if args.gradient == "local":
+        fg: frog.GradientEstimator = frog.LocalLearning(guess[args.guess] or heads)
+    else:
+        fg = frog.ForwardGradient(args.tangents, engine=args.engine, perturbation=args.perturbation, seed=args.seed,
+                                  guess=guess[args.guess])
+    if args.gradient != "bp" and fg.loss_contract == "per-sample":
         print(frog.describe_blocks(model))
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -137,10 +150,11 @@ def training(args: argparse.Namespace) -> Iterator[dict]:
         if args.gradient == "bp":
             _, loss = model(x, y)
             loss.backward()
-        elif args.perturbation == "weight":
+        elif fg.loss_contract == "scalar":  # weight perturbation
             loss = fg.fill_grad(model, lambda m: m(x, y)[1])  # instead of loss.backward()
-        else:  # activity perturbation wants per-sample losses: token losses (B, T), frog averages each row
-            loss = fg.fill_grad(model, lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none"))
+        else:  # activity perturbation and local learning want per-sample losses: token losses (B, T), averaged per row
+            loss = fg.fill_grad(model, lambda m: F.cross_entropy(m(x)[0].transpose(1, 2), y, reduction="none"),
+                                targets=y)
         optimizer.step()
         return loss
 

@@ -34,6 +34,10 @@ TRAINING = {  # example, arguments (a few small steps), what it needs
     "gpt-weight-jvp": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32", "--perturbation",
                                     "weight"], GPL.is_file()),
     "gpt-activity-jvp": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32"], GPL.is_file()),
+    "gpt-local": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32", "--gradient", "local"],
+                  GPL.is_file()),
+    "gpt-topdown1-sim": ("char_gpt", ["--steps", "6", "--batch-size", "8", "--context", "32", "--guess", "topdown1",
+                                      "--engine", "sim"], GPL.is_file()),
 }
 
 
