@@ -84,3 +84,31 @@ def test_weight_guesses_quick_projects_onto_the_guesses(tmp_path):
         rows = {r["estimator"]: r for r in csv.DictReader(file)}
     assert set(rows) == {"bp", "lowrank", "guesses"}
     assert float(rows["guesses"]["mean_cosine_to_gradient"]) > 2 * float(rows["lowrank"]["mean_cosine_to_gradient"])
+
+
+def test_depth_study_quick_writes_the_tables_and_plot(tmp_path):
+    """Every (setting, row, step size) run and each row's other seeds land in depth.csv, the best of each row
+    in depth_best.csv, and the plot is drawn. With two hidden layers the first-order top-down guess is the
+    exact gradient (g_top through the one block above), so that row trains as backprop does."""
+    rows = ["bp", "local", "topdown1"]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "studies" / "depth.py"), "--quick", "--rows", *rows,
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with (tmp_path / "depth.csv").open() as file:
+        runs = list(csv.DictReader(file))
+    assert len(runs) == 2 * len(rows) * 2  # two settings, one step size, two seeds
+    with (tmp_path / "depth_best.csv").open() as file:
+        best = {(r["setting"], r["row"]): r for r in csv.DictReader(file)}
+    assert len(best) == 2 * len(rows) and (tmp_path / "depth.png").stat().st_size > 1000
+    exact, bp = best[("plain-2", "topdown1")], best[("plain-2", "bp")]
+    assert abs(float(exact["test_accuracy_mean"]) - float(bp["test_accuracy_mean"])) < 0.01
+
+
+@pytest.mark.skipif(not TEXTS[0].exists(), reason="needs Debian's /usr/share/common-licenses/GPL-3")
+def test_depth_gpt_quick_writes_the_csv(tmp_path):
+    summary = run("studies/depth_gpt.py", tmp_path)
+    with (tmp_path / "depth_gpt.csv").open() as file:
+        runs = list(csv.DictReader(file))
+    assert {r["row"] for r in runs} == {"bp", "local"} and len(runs) == 4
+    assert all(math.isfinite(float(r["held_out_loss"])) for r in runs)
+    assert [b["row"] for b in summary["best"]] == ["bp", "local"]
