@@ -5,6 +5,8 @@ Settings (--settings): ``plain-D``, an MLP of width 256 with D hidden Linear+ReL
 --depth D``), each hidden layer a block and the classifier the last block; ``resnet18``, ResNet18 with every
 BasicBlock a block of its own (``--split-stacks``, 10 blocks); ``vit``, the Table I ViT (6 blocks, class-token
 heads). The two image networks train on the first --train-size training images (the same cut for every row).
+The gap table's networks for the same protocol: ``fc256``, ``fc1024`` and ``resnet18-stages`` (the paper's
+blocks, conv heads of 32 channels).
 
 Rows (--rows): ``bp`` (backprop); ``local`` (local learning with the same heads, ``--gradient local``);
 ``frog`` (frog with local-head guesses, k = 16, or L + 4 where L + 4 > 16); ``frog-kL`` (k = L, guesses
@@ -57,7 +59,12 @@ SETTINGS = {
     **{f"res-{d}": {"model": "resmlp", "width": 256, "depth": d} for d in (2, 4, 8, 16)},
     "resnet18": {"model": "resnet18", "split_stacks": True, "head_channels": 32},
     "vit": {"model": "vit", "head_tokens": "first"},
+    # the gap table's networks, for local learning against frog with guesses at an equal step-size search
+    "fc256": {"model": "fc", "width": 256},
+    "fc1024": {"model": "fc", "width": 1024},
+    "resnet18-stages": {"model": "resnet18", "head_channels": 32},  # the paper's blocks: stem, 4 stages, head
 }
+IMAGE_MODELS = ("resnet18", "vit")  # --train-size cuts their training set
 FROG = {"gradient": "frog", "engine": "sim", "guess": "local"}
 ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (max(16, 2 L + 4)), "G" (2 L - 1),
 # "4L" (four parts of one guess per block), or None)
@@ -146,7 +153,9 @@ def append(path: Path, columns: list[str], row: dict) -> None:
 
 
 def depth_of(setting: str) -> int | str:
-    return int(setting.split("-")[1]) if "-" in setting else setting
+    """The depth of an MLP setting (plain-D, res-D), else the setting's name."""
+    family, _, depth = setting.partition("-")
+    return int(depth) if family in ("plain", "res") else setting
 
 
 def study(args: argparse.Namespace, datasets: dict[str, Dataset]) -> list[dict]:
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         sys.exit(f"unknown setting or row: {', '.join(unknown)}")
     full = load_dataset(args.dataset, None, split_seed=0)
-    datasets = {s: cut(full, args.train_size if SETTINGS.get(s, {}).get("model") in ("resnet18", "vit") else None)
+    datasets = {s: cut(full, args.train_size if SETTINGS.get(s, {}).get("model") in IMAGE_MODELS else None)
                 for s in args.settings}
     if args.timing:
         return timing(args, datasets)
