@@ -1,4 +1,4 @@
-"""Aggregation of jvps (SPEC 1): Lemma 1, Lemma 2, sum/mean/project, scale correction."""
+"""Aggregation of jvps (docs/architecture.md, the one idea): Lemma 1, Lemma 2, sum/mean/project, scale correction."""
 
 from __future__ import annotations
 

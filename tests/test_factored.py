@@ -1,4 +1,4 @@
-"""Structured weight tangents through known layers (SPEC 4): every engine gives the orthogonal
+"""Structured weight tangents through known layers (docs/guides/structured-tangents.md): every engine gives the orthogonal
 projection of the autograd gradient onto the span of the tangents formed densely (least squares),
 without forming them; input-span tangents lie in the span of each layer's inputs."""
 

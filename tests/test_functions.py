@@ -1,4 +1,4 @@
-"""Closed-form test functions (SPEC 2.2): start points, minima, gradients."""
+"""Closed-form test functions (the paper's Sec. 4.2): start points, minima, gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Guessed activity tangents (frog.guesses, SPEC 5): local heads, their training and shapes, in frog train.
+"""Guessed activity tangents (frog.guesses; docs/guides/closing-the-gap.md): local heads, their training and shapes, in frog train.
 (Per-example tangents, masks and the guess rows of the plan: test_per_example.py.)"""
 
 from __future__ import annotations

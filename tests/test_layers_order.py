@@ -1,4 +1,4 @@
-"""The package's layers (DESIGN "Layers"): a module imports only from its own layer and the ones below.
+"""The package's layers (docs/architecture.md): a module imports only from its own layer and the ones below.
 
 LAYERS is the one place that says which layer each module belongs to, lowest first. Every module of
 the package must appear in it exactly once, so a new module has to be placed. Every import counts,

@@ -1,4 +1,4 @@
-"""Block layouts (SPEC 4): low-rank factors give the Gram matrix, estimate and jvps of the tangents
+"""Block layouts (docs/guides/structured-tangents.md): low-rank factors give the Gram matrix, estimate and jvps of the tangents
 they stand for, checked against the tangents formed densely; their second moments are the identity."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-example activity tangents, ReLU masks and guesses first (frog.per_example, SPEC 5) against independent
+"""Per-example activity tangents, ReLU masks and guesses first (frog.per_example; docs/guides/closing-the-gap.md) against independent
 math: least squares per example, autograd, and the rows built by hand."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tangent samplers (SPEC 1, "Tangent samplers") and the block-wise TangentPlan."""
+"""Tangent samplers (docs/guides/choosing.md) and the block-wise TangentPlan."""
 
 from __future__ import annotations
 
