@@ -143,7 +143,7 @@ def test_the_hybrid_adds_local_learning_to_the_hidden_blocks():
         torch.testing.assert_close(hybrid[name], want)
     with pytest.raises(ValueError, match="local_weight adds the guesses"):
         frog.ActivityPerturbation(local_weight=0.5)
-    with pytest.raises(ValueError, match="local_weight must be a number >= 0"):
+    with pytest.raises(ValueError, match="local_weight must be a finite number >= 0"):
         frog.ActivityPerturbation(guess=LocalHeads(3), local_weight=-1)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .activity import block_labels, blocks_of, check_local, local_graphs, perturbed, shared_by_batch, shared_features
+from .checks import check_nonnegative
 from .distributed import Communicator
 from .engines import RngReplay
 from .forward_mode.batchnorm import frozen_running_stats
@@ -61,8 +62,7 @@ class ActivityPerturbation:
         if guess is not None and not isinstance(guess, GuessSource):
             raise ValueError(f"guess must be a frog.guesses.GuessSource (e.g. LocalHeads(num_classes)), got "
                              f"{type(guess).__name__}")
-        if isinstance(local_weight, bool) or not isinstance(local_weight, (int, float)) or not local_weight >= 0:
-            raise ValueError(f"local_weight must be a number >= 0, got {local_weight!r}")
+        check_nonnegative("local_weight", local_weight)
         if local_weight and guess is None:
             raise ValueError("local_weight adds the guesses used as they are: give a guess source (guess=...)")
         self.blocks, self.guess = blocks, guess

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int, check_positive
 from .tangents import derive_seed
 
 # one block's guesses: none, one (B, *features), or several (one tangent each)
@@ -189,15 +190,12 @@ class LocalHeads(GuessSource):
 
     def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
                  exact_output: bool = True, hidden_channels: int = 0, tokens: str = "mean") -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if not lr > 0:
-            raise ValueError(f"the heads' lr must be > 0, got {lr}")
+        check_int("num_classes", num_classes, 2)
+        check_positive("the heads' lr", lr)
         if not 0 <= momentum < 1:
             raise ValueError(f"the heads' momentum must lie in [0, 1), got {momentum}")
         self.num_classes, self.lr, self.momentum, self.seed = num_classes, lr, momentum, seed
-        if isinstance(hidden_channels, bool) or not isinstance(hidden_channels, int) or hidden_channels < 0:
-            raise ValueError(f"hidden_channels must be an integer >= 0, got {hidden_channels!r}")
+        check_int("hidden_channels", hidden_channels, 0)
         if tokens not in HEAD_TOKENS:
             raise ValueError(f"tokens must be one of {', '.join(HEAD_TOKENS)}, got {tokens!r}")
         self.exact_output, self.hidden_channels, self.tokens = exact_output, hidden_channels, tokens
@@ -410,8 +408,7 @@ class SplitGuesses(GuessSource):
     def __init__(self, source: GuessSource, pieces: int) -> None:
         if not isinstance(source, GuessSource):
             raise ValueError(f"SplitGuesses splits a guess source's guesses, got {type(source).__name__}")
-        if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
-            raise ValueError(f"pieces must be an integer >= 1, got {pieces!r}")
+        check_int("pieces", pieces, 1)
         self.source, self.pieces, self.needs_inputs = source, pieces, source.needs_inputs
 
     def guesses(self, outputs, targets, losses, **kwargs):

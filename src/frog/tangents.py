@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .checks import check_int
 from .layouts import Dense, Layout, LowRank, gram_of, matrix_shape
 
 KINDS = ("normal", "rademacher", "basis", "orthonormal", "angle", "lowrank", "input-span")
@@ -51,8 +52,7 @@ def check_kind(kind: str, angle: float | None = None) -> None:
 def check_rank(kind: str, rank: int, shapes: Sequence[torch.Size], names: Sequence[str] | None = None) -> None:
     """Raise ValueError for a rank that ``kind`` cannot use: rank < 1, rank > min(m, n) of a block
     viewed as a matrix (named by ``names``), or a rank other than 1 for an unstructured sampler."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_int("rank", rank, 1)
     if kind not in STRUCTURED:
         if rank != 1:
             raise ValueError(f"rank= is only used with sampler='lowrank' or 'input-span', not {kind!r}")
@@ -79,8 +79,7 @@ def stored_size(kind: str, shapes: Sequence[torch.Size], rank: int = 1) -> int:
 
 def check_size(kind: str, k: int, n: int) -> None:
     """Raise ValueError when ``kind`` cannot give k tangents in dimension n."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"the number of tangents must be an integer >= 1, got {k!r}")
+    check_int("the number of tangents", k, 1)
     if n < 1:
         raise ValueError(f"the dimension must be >= 1, got {n}")
     if kind in ("basis", "orthonormal") and k > n:

@@ -27,6 +27,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..checks import check_int
+
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
 
 
@@ -148,8 +150,7 @@ def batches(
     draws the order with ``torch.randperm(N, generator=generator)`` (same generator state, same
     order); shuffle=False keeps the split's order. Batches are moved to ``device`` when given.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     n = len(split.y)
     if split.x.shape[0] != n:
         raise ValueError(f"split has {split.x.shape[0]} images but {n} labels")
