@@ -120,13 +120,14 @@ def config_of(setting: str, row: str, lr: float, seed: int, epochs: int, data: D
     return config
 
 
-def cut(data: Dataset, train_size: int | None) -> Dataset:
-    """The first ``train_size`` training images (all when None) and the first 5000 validation images;
-    the whole test set."""
+def cut(data: Dataset, train_size: int | None, val_size: int = 5000, test_size: int | None = None) -> Dataset:
+    """The first ``train_size`` training images, ``val_size`` validation images and ``test_size`` test
+    images (all test images when None); ``data`` as it is when ``train_size`` is None."""
     if train_size is None:
         return data
     return replace(data, train=Split(data.train.x[:train_size], data.train.y[:train_size]),
-                   val=Split(data.val.x[:5000], data.val.y[:5000]))
+                   val=Split(data.val.x[:val_size], data.val.y[:val_size]),
+                   test=Split(data.test.x[:test_size], data.test.y[:test_size]))
 
 
 def run_one(config: TrainConfig, data: Dataset, out: Path) -> dict:
@@ -304,6 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--train-size", type=int, default=None, help="first N training images of resnet18 and vit")
+    parser.add_argument("--val-size", type=int, default=5000, help="with --train-size: first N validation images")
+    parser.add_argument("--test-size", type=int, default=None, help="with --train-size: first N test images")
     parser.add_argument("--out", default="runs/depth")
     parser.add_argument("--timing", action="store_true")
     parser.add_argument("--timing-steps", type=int, default=20)
@@ -317,8 +320,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         sys.exit(f"unknown setting or row: {', '.join(unknown)}")
     full = load_dataset(args.dataset, None, split_seed=0)
-    datasets = {s: cut(full, args.train_size if SETTINGS.get(s, {}).get("model") in IMAGE_MODELS else None)
-                for s in args.settings}
+    datasets = {s: cut(full, args.train_size if SETTINGS.get(s, {}).get("model") in IMAGE_MODELS else None,
+                       args.val_size, args.test_size) for s in args.settings}
     if args.timing:
         return timing(args, datasets)
     best = study(args, datasets)
