@@ -73,14 +73,14 @@ class ActivityPerturbation:
         self._warned = False
 
     @property
-    def shapes_rows(self) -> bool:
+    def composes_rows(self) -> bool:
         """Whether the rows are shaped per step (per example, masked, guessed or block-local), not drawn as
         plain samples."""
         return self.per_example or self.relu_mask or self.guess is not None or self.block_local
 
     def check(self, sampler: str, normalize: bool, communicator: Communicator | None) -> None:
         """ValueError for settings these tangents cannot take (per-example rows are i.i.d., one process)."""
-        if self.shapes_rows:
+        if self.composes_rows:
             check_example_kind(sampler, normalize)
             if communicator is not None:
                 raise ValueError("per_example, relu_mask and guess run on one process: drop the communicator")
@@ -147,7 +147,7 @@ class ActivityPerturbation:
         (:mod:`frog.per_example`)."""
         features = [shared_features(h) if s else h.shape[1:] for h, s in zip(outputs, shared, strict=True)]
         guesses: Guesses = [[] for _ in outputs]
-        if not self.shapes_rows:
+        if not self.composes_rows:
             return solver.plan(features, outputs[0]), guesses
         if self.guess is not None:
             extra = {"inputs": inputs} if self.guess.needs_inputs else {}
