@@ -224,7 +224,7 @@ def plot(best_rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = [("plain", "plain MLP, width 256"), ("res", "pre-norm residual MLP, width 256")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (family, title) in zip(axes, families, strict=True):
         for row in dict.fromkeys(r["row"] for r in best_rows):
             points = sorted((int(r["depth"]), float(r["test_accuracy_mean"])) for r in best_rows
@@ -236,7 +236,9 @@ def plot(best_rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (mean over seeds)")
-    axes[1].legend(fontsize=8)
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s not in ("resnet18", "vit")])
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
+    parser.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn in depth.png (default: all)")
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=2)
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return timing(args, datasets)
     best = study(args, datasets)
     print(markdown(best))
-    plot(best, Path(args.out) / "depth.png")
+    plot([r for r in best if args.plot_rows is None or r["row"] in args.plot_rows], Path(args.out) / "depth.png")
     print_result("depth", settings=args.settings, rows=args.rows, best=best)
     return best
 
