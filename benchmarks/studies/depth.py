@@ -64,6 +64,7 @@ SETTINGS = {
     "fc1024": {"model": "fc", "width": 1024},
     "resnet18-stages": {"model": "resnet18", "head_channels": 32},  # the paper's blocks: stem, 4 stages, head
 }
+MLP_SETTINGS = [name for name in SETTINGS if name.startswith(("plain-", "res-"))]
 IMAGE_MODELS = ("resnet18", "vit")  # --train-size cuts their training set
 FROG = {"gradient": "frog", "engine": "sim", "guess": "local"}
 ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (max(16, 2 L + 4)), "G" (2 L - 1),
@@ -78,6 +79,7 @@ ROWS = {  # name -> (TrainConfig changes, k: "16" (max(16, L + 4)), "L", "2L" (m
 }
 VARIANTS = {  # the levers of frog beyond its guesses (--rows)
     "frog-hybrid": ({**FROG, "local_weight": 1.0}, "16"),  # L + sum_b L_b: the local part exact, frog the global
+    "frog-hybrid-pe": ({**FROG, "local_weight": 1.0, "per_example_tangents": True}, "16"),  # and per-example tangents
     "frog-topdown-hybrid": ({**FROG, "guess": "topdown", "local_weight": 1.0}, "16"),
     "frog-both": ({**FROG, "guess": "topdown+local"}, "2L"),  # top-down and head guesses on the stream blocks
     "frog-both-kG": ({**FROG, "guess": "topdown+local"}, "G"),  # the same, guesses only
@@ -300,7 +302,8 @@ QUICK_SETTINGS = {"plain-2": {"model": "fc", "width": 16, "depth": 2}, "res-3": 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=[s for s in SETTINGS if s not in ("resnet18", "vit")])
+    parser.add_argument("--settings", nargs="+", default=MLP_SETTINGS,
+                        help="default: the MLPs, plain-D and res-D")
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
     parser.add_argument("--plot-rows", nargs="+", default=None, help="the rows drawn in depth.png (default: all)")
     parser.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.2])
