@@ -103,9 +103,8 @@ class ActivityPerturbation:
         shared = _checked_outputs(losses, outputs, labels, names)
         plan, guesses = self._plan(solver, blocks, outputs, shared, losses, targets, labels, inputs)
         if chained:
-            rows = communicator.rows(solver.tangents.num_tangents) if communicator else None
-            coeffs = solver.coefficients(plan, losses, solver.engine.chained(losses, inputs, outputs, plan, rows),
-                                         communicator)
+            jvps = solver.engine.chained(losses, inputs, outputs, plan, solver.rows(communicator))
+            coeffs = solver.coefficients(plan, losses, jvps, communicator)
         else:
             replay.reset()
             coeffs = self._forward_mode(solver, model, loss_fn, blocks, outputs, losses.shape[0], plan, communicator)
@@ -208,10 +207,10 @@ def _block_products(plan: TangentPlan, coeffs: torch.Tensor, outputs: list[torch
     for a shared output), plus ``direct[b]`` where given (the hybrid's local part), taken back to the
     parameters by one call of autograd on the block-local graphs."""
     output_grads = []
-    for b, h in enumerate(outputs):
+    for b, (h, extra) in enumerate(zip(outputs, direct, strict=True)):
         grad = plan.estimate(b, coeffs).movedim(-1, 0).to(h.dtype)  # (B, *features)
-        if direct[b] is not None:
-            grad = grad + direct[b].to(h.dtype)  # type: ignore[union-attr]
+        if extra is not None:
+            grad = grad + extra.to(h.dtype)
         output_grads.append(grad.sum(0).reshape(h.shape) if shared[b] else grad)
     names = list(params)
     grads = torch.autograd.grad(outputs, [params[n] for n in names], output_grads, allow_unused=True)

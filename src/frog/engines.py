@@ -414,7 +414,7 @@ def make_engine(engine: str | Engine, fd_step: float | None = None,
     if engine == "jvp":
         return JvpEngine(max_streams, tangent_budget_mb)
     if engine == "fd":
-        return FiniteDifferenceEngine(1e-3 if fd_step is None else fd_step)
+        return FiniteDifferenceEngine() if fd_step is None else FiniteDifferenceEngine(fd_step)
     return ENGINE_CLASSES[engine]()
 
 

@@ -127,10 +127,6 @@ class ForwardGradient(GradientEstimator):
         return self.strategy.guess if isinstance(self.strategy, ActivityPerturbation) else None
 
     @property
-    def seed(self) -> int:
-        return self.state.seed
-
-    @property
     def step(self) -> int:
         """Deprecated name of :attr:`calls` (the number of estimates made so far)."""
         warnings.warn("ForwardGradient.step is deprecated: it is the call counter, now named calls", DeprecationWarning,

@@ -32,7 +32,14 @@ from .tangents import derive_seed
 
 # one block's guesses: none, one (B, *features), or several (one tangent each)
 GuessEntry = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None
-HEAD_TOKENS = ("mean", "first")  # what a head of a token block reads: the mean over tokens or the first token
+HEAD_TOKENS = ("mean", "first")
+
+
+def entry_guesses(entry: GuessEntry) -> list[torch.Tensor]:
+    """A block's entry as a list of guesses: [] for None, [g] for one tensor, the tensors of a tuple or list."""
+    if entry is None:
+        return []
+    return list(entry) if isinstance(entry, (tuple, list)) else [entry]  # what a head of a token block reads: the mean over tokens or the first token
 
 
 class GuessSource(ABC):
@@ -382,8 +389,7 @@ class Combined(GuessSource):
         for source in self.sources:
             extra = kwargs if source.needs_inputs else {}
             for given, entry in zip(per_block, source.guesses(outputs, targets, losses, **extra), strict=True):
-                new = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
-                given.extend(g for g in new if not any(g is old or torch.equal(g, old) for old in given))
+                given.extend(g for g in entry_guesses(entry) if not any(g is old or torch.equal(g, old) for old in given))
         return [tuple(given) if given else None for given in per_block]
 
     def state_dict(self) -> dict[str, Any]:
@@ -414,8 +420,7 @@ class SplitGuesses(GuessSource):
     def guesses(self, outputs, targets, losses, **kwargs):
         rows: list[GuessEntry] = []
         for entry in self.source.guesses(outputs, targets, losses, **kwargs):
-            given = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
-            parts = [part for guess in given for part in self._split(guess)]
+            parts = [part for guess in entry_guesses(entry) for part in self._split(guess)]
             rows.append(tuple(parts) if parts else None)
         return rows
 

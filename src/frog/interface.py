@@ -84,6 +84,11 @@ class GradientEstimator(ABC):
         """The number of estimates made so far."""
         return self.state.calls
 
+    @property
+    def seed(self) -> int:
+        """The seed that every call's random numbers derive from."""
+        return self.state.seed
+
     @abstractmethod
     def estimates(self, model: nn.Module, loss_fn: LossFn, *, targets: Any = None,
                   release_grads: bool = False) -> StepEstimates:

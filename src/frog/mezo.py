@@ -67,10 +67,6 @@ class MeZO(GradientEstimator):
                       stacklevel=2)
         return self.calls
 
-    @property
-    def seed(self) -> int:
-        return self.state.seed
-
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict()
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .guesses import entry_guesses
 from .layouts import Dense, Layout, PerExample
 from .tangents import TangentPlan
 
@@ -78,7 +79,7 @@ def checked_guesses(guesses: Sequence[Any], outputs: Sequence[torch.Tensor], sha
         raise ValueError(f"a guess source must return one entry per block ({len(outputs)}), got {len(guesses)}")
     checked: Guesses = []
     for entry, h, s, label in zip(guesses, outputs, shared, labels, strict=True):
-        given = [] if entry is None else list(entry) if isinstance(entry, (tuple, list)) else [entry]
+        given = entry_guesses(entry)
         if given and s:
             raise ValueError(f"{label} has an output shared by the batch {tuple(h.shape)}: it takes no per-example "
                              "guess; return None for it")

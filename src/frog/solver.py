@@ -86,10 +86,13 @@ class Solver:
         using each weight (factored tangents reach the jvps through them); ``communicator``: this rank
         computes its share of the k jvps (tangent mode) or of the batch (data mode).
         """
-        rows = communicator.rows(self.tangents.num_tangents) if communicator else None
         with explained_forward_mode_errors(self.engine.name):
-            value, jvps = self.engine(fn, primals, plan, rows, users)
+            value, jvps = self.engine(fn, primals, plan, self.rows(communicator), users)
         return value, self.coefficients(plan, value, jvps, communicator)
+
+    def rows(self, communicator: Communicator | None) -> Sequence[int] | None:
+        """The tangent rows whose jvps this rank computes (None: all k)."""
+        return communicator.rows(self.tangents.num_tangents) if communicator else None
 
     def coefficients(self, plan: TangentPlan, value: torch.Tensor, jvps: torch.Tensor,
                      communicator: Communicator | None = None) -> torch.Tensor:
